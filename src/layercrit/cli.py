@@ -1,0 +1,234 @@
+"""Command-line interface: a thin layer that parses, calls the library and prints.
+
+Bad input is answered with one line `layercrit: error: …` and exit status 2; an unexpected
+failure with one line and exit status 1 (set LAYERCRIT_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from . import __version__
+from .checkpoints import apply_weights, load_checkpoint, load_state_dict
+from .criticality import measure
+from .data import Dataset, load_data
+from .errors import LayercritError
+from .io import check_output_path
+from .layers import list_layers
+from .models import ModelFactory, factory_for_data
+from .probes import list_probes
+from .results import UNMODIFIED, CriticalityResult
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        raise LayercritError(f"{self.prog}: {message} (see --help)")
+
+
+def _model_arg(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _out_path(text: str) -> Path:
+    return Path(text)
+
+
+def _add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
+    p.add_argument("--model", required=True, metavar="SPEC", help="built-in name, package.module:callable or file.py:callable")
+    p.add_argument("--model-arg", action="append", type=_model_arg, default=[], metavar="KEY=VALUE",
+                   help="keyword argument for the model constructor (repeatable)")
+    if weights:
+        p.add_argument("--weights", metavar="FILE", help="state dict (.pt/.pth/.safetensors) or layercrit checkpoint")
+
+
+def _load_model(args, data: Dataset | None) -> tuple[object, ModelFactory]:
+    kwargs = dict(args.model_arg)
+    ckpt = None
+    if getattr(args, "weights", None):
+        ckpt = load_checkpoint(args.weights)
+        info = ckpt.get("model") or {}
+        if info.get("spec") == args.model and not kwargs:
+            kwargs = dict(info.get("kwargs") or {})
+    factory = factory_for_data(args.model, kwargs, data.num_classes if data else None, data.input_shape if data else None)
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = factory()
+    if ckpt is not None:
+        from .checkpoints import strip_wrappers
+
+        apply_weights(model, strip_wrappers(ckpt["state_dict"]), f"weights in {args.weights!r}")
+    return model, factory
+
+
+def _bar(value: float, width: int = 20) -> str:
+    if not math.isfinite(value):
+        return " " * width
+    filled = max(0.0, min(1.0, value)) * width
+    full = int(filled)
+    return ("█" * full + ("▌" if filled - full >= 0.5 else "")).ljust(width, "·")
+
+
+def format_summary(result: CriticalityResult) -> str:
+    """The per-layer table printed by `measure` and `demo`."""
+    s = result.summary()
+    base = s[s["layer"] == UNMODIFIED]
+    s = s[s["layer"] != UNMODIFIED]
+    width = max([len("layer")] + [len(x) for x in s["label"]])
+    lines = []
+    if len(base) and math.isfinite(base["accuracy_mean"].iloc[0]):
+        lines.append(f"unmodified model: accuracy {100 * base['accuracy_mean'].iloc[0]:.2f}% on n={int(result.table['n'].iloc[0])}")
+    lines.append(f"{'layer'.ljust(width)}  {'probe':<12} {'criticality % (mean ± s.e.)':<28} {'':20}  {'accuracy %':>10}  trials")
+    for _, r in s.iterrows():
+        probe = r["probe"] + (f":{r['target']}" if isinstance(r.get("target"), str) and r["target"] and r["probe"] == "reinit" else "")
+        sem = "" if not math.isfinite(r["criticality_sem"]) else f" ± {100 * r['criticality_sem']:.2f}"
+        crit = f"{100 * r['criticality_mean']:6.2f}{sem}"
+        acc = f"{100 * r['accuracy_mean']:10.2f}" if math.isfinite(r["accuracy_mean"]) else f"{'—':>10}"
+        lines.append(f"{r['label'].ljust(width)}  {probe:<12} {crit:<28} {_bar(r['criticality_mean'])}  {acc}  {int(r['trials'])}")
+    return "\n".join(lines)
+
+
+def cmd_layers(args) -> int:
+    data = load_data(args.data) if args.data else None
+    model, _ = _load_model(args, data)
+    layers = list_layers(model, include_norm=True, label_style=args.label_style)
+    rows = [{"name": la.name or "(root)", "label": la.label, "type": la.kind, "params": la.n_params,
+             "probed": "yes" if (args.include_norm or not la.is_norm) else "no (norm)"} for la in layers]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    df = pd.DataFrame(rows)
+    print(df.to_string(index=False))
+    print(f"{sum(r['probed'] == 'yes' for r in rows)} probe-able layers, {sum(r['params'] for r in rows):,} parameters")
+    return 0
+
+
+def cmd_measure(args) -> int:
+    if args.out is not None:
+        check_output_path(args.out, (".csv", ".json"))
+    if "reinit" in args.probe and not args.reference:
+        raise LayercritError("--probe reinit needs --reference FILE (a state dict or checkpoint, e.g. checkpoint 0)")
+    data = load_data(args.data)
+    model, factory = _load_model(args, data)
+    reference = load_state_dict(args.reference) if args.reference else None
+    result = measure(
+        model,
+        data,
+        factory=factory,
+        reference=reference,
+        reference_name=Path(args.reference).stem if args.reference else "reference",
+        model_name=args.name or args.model,
+        progress=not args.quiet,
+        probes=args.probe,
+        trials=args.trials,
+        seed=args.seed,
+        images=args.images,
+        data_seed=args.data_seed,
+        layers=args.layers or None,
+        include_norm=args.include_norm,
+        granularity=args.granularity,
+        label_style=args.label_style,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    print(format_summary(result))
+    if args.out is not None:
+        path = result.save(args.out)
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, epochs=args.epochs, trials=args.trials, seed=args.seed, quiet=args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="layercrit", description="Which layers of a trained network its decisions depend on.")
+    parser.add_argument("--version", action="version", version=f"layercrit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("layers", help="list the probe-able layers of a model")
+    _add_model_args(p)
+    p.add_argument("--data", metavar="SPEC", help="data the model takes (sizes built-in models)")
+    p.add_argument("--include-norm", action="store_true", help="mark normalization layers as probed")
+    p.add_argument("--label-style", default="auto", choices=["auto", "name", "gavrikov", "zhang"])
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(fn=cmd_layers)
+
+    p = sub.add_parser("measure", help="layer criticality of a model")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, metavar="SPEC", help="'digits', 'digits:train' or file.npz")
+    p.add_argument("--probe", action="append", choices=list_probes(), help="probe (repeatable; default rerandomize)")
+    p.add_argument("--reference", metavar="FILE", help="state dict for --probe reinit (e.g. checkpoint 0)")
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0, help="probe seed")
+    p.add_argument("--images", type=int, help="random evaluation subset of N samples")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the evaluation subset")
+    p.add_argument("--layers", nargs="+", metavar="GLOB", help="name or label globs")
+    p.add_argument("--include-norm", action="store_true", help="also reset normalization layers")
+    p.add_argument("--granularity", default="layer", choices=["layer", "block"])
+    p.add_argument("--label-style", default="auto", choices=["auto", "name", "gavrikov", "zhang"])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--name", help="model name in the results (default: the spec)")
+    p.add_argument("--out", type=_out_path, metavar="FILE.csv|FILE.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_measure)
+
+    p = sub.add_parser("demo", help="train an FCN-3x256 on digits and measure its layers")
+    p.add_argument("--out", type=_out_path, default=Path("demo-out"), metavar="DIR")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "probe", "absent") is None:
+            args.probe = ["rerandomize"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.formatwarning = lambda msg, cat, *a, **k: f"layercrit: warning: {msg}\n"
+            return args.fn(args)
+    except LayercritError as e:
+        print(f"layercrit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("layercrit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not bad input: one line unless debugging
+        if os.environ.get("LAYERCRIT_DEBUG"):
+            raise
+        print(f"layercrit: internal error: {type(e).__name__}: {e} (set LAYERCRIT_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

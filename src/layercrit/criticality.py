@@ -1,0 +1,181 @@
+"""Layer criticality (Gavrikov et al. 2024): the library's main verb, `measure`."""
+
+from __future__ import annotations
+
+import math
+import platform
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from .data import Dataset, load_data
+from .engine import Engine, Perturbation
+from .errors import LayercritError
+from .layers import select_units
+from .probes import PROBES, Probe, Reinit, Rerandomize
+from .results import ROW_COLUMNS, UNMODIFIED, VALUE_COLUMNS, CriticalityResult
+from .seeding import derive_seed
+
+__all__ = ["MeasureConfig", "build_probes", "measure"]
+
+
+@dataclass
+class MeasureConfig:
+    """Settings of one criticality measurement (saved next to its results)."""
+
+    probes: list[str] = field(default_factory=lambda: ["rerandomize"])  # registered probe names
+    trials: int = 3  # random draws per (layer, probe); deterministic probes run once
+    seed: int = 0  # probe seed: trial t uses derive_seed(seed, t)
+    images: int | None = None  # evaluation subset size (Gavrikov: 10,000); None = all samples
+    data_seed: int = 0  # seed of the evaluation subset, separate from the probe seed
+    layers: list[str] | None = None  # name/label globs; None = every layer
+    types: list[str] | None = None  # module class names; None = every type
+    include_norm: bool = False  # also reset normalization layers (off: Gavrikov §2)
+    granularity: str = "layer"  # "layer" or "block"
+    groups: dict[str, list[str]] | None = None  # joint groups {name: [glob, ...]}, reset together
+    label_style: str = "auto"  # "auto", "name", "gavrikov" or "zhang"
+    batch_size: int = 256
+    executor: str = "full"  # how probed models run (see engine.EXECUTORS)
+    device: str | None = None  # default: the model's device
+
+    def __post_init__(self) -> None:
+        if isinstance(self.probes, str):
+            self.probes = [self.probes]
+        for name in ("trials", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise LayercritError(f"Expected `{name}` to be a positive integer, got {v!r}")
+        for name in ("seed", "data_seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise LayercritError(f"Expected `{name}` to be a non-negative integer, got {v!r}")
+        if self.images is not None and (not isinstance(self.images, int) or isinstance(self.images, bool) or self.images < 1):
+            raise LayercritError(f"Expected `images` to be a positive integer, got {self.images!r}")
+        if not self.probes:
+            raise LayercritError("Expected at least one probe")
+
+
+def build_probes(
+    names: Sequence[str | Probe],
+    factory: Callable[[], nn.Module] | None = None,
+    reference: Mapping[str, torch.Tensor] | None = None,
+    reference_name: str = "reference",
+) -> list[Probe]:
+    """Probe objects for names, wiring the init source (`factory`) and `reference` state dict."""
+    probes = []
+    for p in names:
+        if isinstance(p, Probe):
+            probes.append(p)
+        elif p == "rerandomize":
+            probes.append(Rerandomize(factory))
+        elif p == "reinit":
+            if reference is None:
+                raise LayercritError("probe 'reinit' needs a reference state dict (--reference FILE), e.g. checkpoint 0")
+            probes.append(Reinit(reference, reference_name))
+        else:
+            probes.append(PROBES.create(p))
+    return probes
+
+
+def _as_dataset(data: Dataset | str | torch.Tensor | tuple) -> Dataset:
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, str):
+        return load_data(data)
+    if isinstance(data, torch.Tensor):
+        return Dataset(data.float(), None, spec="tensor")
+    if isinstance(data, tuple) and len(data) == 2:
+        return Dataset(data[0].float(), None if data[1] is None else data[1].long(), spec="tensor")
+    raise LayercritError(f"Expected data as a Dataset, a data spec, a tensor or (inputs, labels), got {type(data).__name__}")
+
+
+def measure(
+    model: nn.Module,
+    data: Dataset | str | torch.Tensor | tuple,
+    *,
+    factory: Callable[[], nn.Module] | None = None,
+    reference: Mapping[str, torch.Tensor] | None = None,
+    reference_name: str = "reference",
+    model_name: str = "model",
+    progress: bool = False,
+    probes: Sequence[str | Probe] | str | Probe = "rerandomize",
+    **settings,
+) -> CriticalityResult:
+    """Layer criticality of `model`: probe each layer (or block, or group), compare outputs.
+
+    Args:
+        model: a trained classifier returning logits.
+        data: evaluation data (a `Dataset`, a data spec, a tensor or (inputs, labels)).
+        factory: the untrained constructor, the faithful init source for "rerandomize".
+        reference: state dict for "reinit" (e.g. checkpoint 0).
+        reference_name: how the reference is named in result rows (`target` column).
+        model_name: value of the `model` column.
+        progress: show progress bars.
+        probes: probe names or `Probe` objects.
+        **settings: fields of `MeasureConfig` (trials, seed, images, data_seed, layers, ...).
+
+    Returns:
+        A `CriticalityResult`; `.table` has one row per (layer, probe, trial) and one for the
+        unmodified model, `.summary()` aggregates over trials.
+    """
+    names = [probes] if isinstance(probes, (str, Probe)) else list(probes)
+    config = MeasureConfig(probes=[p if isinstance(p, str) else p.name for p in names], **settings)
+    dataset = _as_dataset(data).subset(config.images, config.data_seed)
+    units = select_units(
+        model,
+        layers=config.layers,
+        types=config.types,
+        include_norm=config.include_norm,
+        granularity=config.granularity,
+        groups=config.groups,
+        label_style=config.label_style,
+    )
+    probe_objs = build_probes(names, factory, reference, reference_name)
+    for probe in probe_objs:
+        probe.check(model, units)
+    engine = Engine(model, dataset.x, dataset.y, config.batch_size, config.device, config.executor, progress)
+    perturbations, meta = [], {}
+    for probe in probe_objs:
+        for unit in units:
+            for trial in range(config.trials if probe.random else 1):
+                seed = derive_seed(config.seed, trial)
+                key = (probe.name, unit.name, trial)
+                if key in meta:
+                    raise LayercritError(f"probe {probe.name!r} given twice; give each probe once")
+                perturbations.append(Perturbation(key, probe.values(model, unit, seed)))
+                meta[key] = (probe, unit, trial, seed)
+    base, results = engine.evaluate(perturbations, desc=f"{model_name}: {len(perturbations)} probes")
+    rows = [_row(model_name, UNMODIFIED, "unmodified", "none", "", 0, math.nan, len(dataset), 0, base, base)]
+    for key, values in results.items():
+        probe, unit, trial, seed = meta[key]
+        target = probe.describe().get("target", "")
+        rows.append(_row(model_name, unit.name, unit.label, probe.name, target, trial, seed, len(dataset), unit.n_params, values, base))
+    table = pd.DataFrame(rows, columns=ROW_COLUMNS + VALUE_COLUMNS)
+    table["seed"] = table["seed"].astype("Int64")
+    resolved = asdict(config) | {
+        "model": model_name,
+        "data": dataset.spec,
+        "data_identity": dataset.identity,
+        "n": len(dataset),
+        "probe_details": [p.describe() for p in probe_objs],
+        "units": [u.name for u in units],
+        "versions": _versions(),
+    }
+    return CriticalityResult(table, resolved)
+
+
+def _row(model, layer, label, probe, target, trial, seed, n, n_params, values, base) -> dict:
+    row = {"model": model, "layer": layer, "label": label, "probe": probe, "target": target, "trial": trial,
+           "seed": seed, "n": n, "n_params": n_params}
+    row |= {k: values[k] for k in VALUE_COLUMNS if k in values}
+    row["accuracy_drop"] = base["accuracy"] - values["accuracy"]
+    return row
+
+
+def _versions() -> dict[str, str]:
+    from . import __version__
+
+    return {"layercrit": __version__, "torch": torch.__version__, "python": platform.python_version()}

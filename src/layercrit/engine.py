@@ -1,0 +1,205 @@
+"""The evaluation engine: batches outside, perturbations inside, one executor interface.
+
+Inputs are materialized once as tensors. For each batch the executor runs the unmodified model
+once (`start_batch`), then every perturbation (`run_many`); the measures of each perturbation
+are accumulated against the unmodified outputs of the same batch. An executor decides *how* a
+probed model runs on a batch; the plain `FullForward` runs the whole model with the parameters
+substituted, a faster executor can replace it without touching the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .errors import LayercritError
+from .measures import MeasureSums, sample_measures
+from .probes import substitute
+from .registry import Registry
+
+__all__ = ["EXECUTORS", "Engine", "Executor", "FullForward", "Perturbation", "eval_mode", "logits_of"]
+
+
+@dataclass
+class Perturbation:
+    """One evaluation of the model with some parameters replaced.
+
+    Attributes:
+        key: identifies the result (e.g. (unit, probe, trial)).
+        values: new values of the changed parameters, by full parameter name.
+    """
+
+    key: Hashable
+    values: Mapping[str, torch.Tensor]
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits in a model's output: a tensor, `.logits` (Hugging Face), or the first of a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise LayercritError(f"the model returned {type(output).__name__}; expected a tensor of logits")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every module in eval mode and restore each one's own training flag afterwards."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+class Executor:
+    """How the model is run on one batch, unmodified and with substituted parameters.
+
+    Subclasses may keep per-batch state between `start_batch` and `end_batch` (never per data set).
+    """
+
+    name = ""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def start_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the unmodified model on `x`; return its logits."""
+        raise NotImplementedError
+
+    def run(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Logits on the current batch with `values` substituted."""
+        raise NotImplementedError
+
+    def run_many(self, perturbations: Sequence[Mapping[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Logits for several substitutions (override to batch them)."""
+        return [self.run(v) for v in perturbations]
+
+    def end_batch(self) -> None:
+        """Drop per-batch state."""
+
+
+EXECUTORS: Registry[Executor] = Registry("executor")
+
+
+@EXECUTORS.register("full")
+class FullForward(Executor):
+    """The whole model on the whole batch for every perturbation (the reference algorithm)."""
+
+    name = "full"
+
+    def start_batch(self, x: torch.Tensor) -> torch.Tensor:
+        self._x = x
+        return logits_of(self.model(x))
+
+    def run(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        with substitute(self.model, values):
+            return logits_of(self.model(self._x))
+
+    def end_batch(self) -> None:
+        self._x = None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+class Engine:
+    """Evaluates perturbations of `model` on fixed inputs.
+
+    Args:
+        model: the model (left unchanged; evaluated in eval mode).
+        inputs: (N, ...) tensor, materialized once.
+        labels: (N,) integer labels or None.
+        batch_size: samples per batch.
+        device: where to compute (default: the model's device).
+        executor: executor name (see `EXECUTORS`).
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        batch_size: int = 256,
+        device: str | torch.device | None = None,
+        executor: str = "full",
+        progress: bool = False,
+    ) -> None:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise LayercritError(f"Expected `batch_size` to be a positive integer, got {batch_size!r}")
+        if len(inputs) == 0:
+            raise LayercritError("no evaluation samples")
+        self.model = model
+        first = next(model.parameters(), None)
+        self.device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+        if first is not None and first.device != self.device:
+            model.to(self.device)
+        self.inputs, self.labels = inputs, labels
+        self.batch_size = batch_size
+        self.executor = EXECUTORS.get(executor)(model)
+        self.progress = progress
+        self.num_outputs = self._check_inputs()
+
+    def _check_inputs(self) -> int:
+        x = self.inputs[:2].to(self.device)
+        try:
+            with torch.no_grad(), eval_mode(self.model):
+                out = logits_of(self.model(x))
+        except LayercritError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            raise LayercritError(
+                f"the model cannot take inputs of shape {tuple(self.inputs.shape[1:])} (per sample): {_first_line(e)}"
+            ) from None
+        if out.ndim != 2 or out.shape[0] != len(x):
+            raise LayercritError(f"the model returned shape {tuple(out.shape)}; expected (batch, classes) logits")
+        if self.labels is not None and len(self.labels):
+            lo, hi = int(self.labels.min()), int(self.labels.max())
+            if lo < 0 or hi >= out.shape[1]:
+                raise LayercritError(
+                    f"labels range over {lo}..{hi} but the model has {out.shape[1]} outputs (classes 0..{out.shape[1] - 1})"
+                )
+        return out.shape[1]
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        for i in range(0, len(self.inputs), self.batch_size):
+            x = self.inputs[i : i + self.batch_size].to(self.device, non_blocking=True)
+            y = None if self.labels is None else self.labels[i : i + self.batch_size].to(self.device)
+            yield x, y
+
+    def evaluate(
+        self, perturbations: Sequence[Perturbation], desc: str = "probes"
+    ) -> tuple[dict[str, float], dict[Hashable, dict[str, float]]]:
+        """Measures of the unmodified model and of each perturbation, as means over all samples."""
+        base = MeasureSums()
+        sums = [MeasureSums() for _ in perturbations]
+        n_batches = -(-len(self.inputs) // self.batch_size)
+        bar = tqdm(total=n_batches * (1 + len(perturbations)), desc=desc, unit="fwd", disable=not self.progress, leave=False)
+        try:
+            with torch.no_grad(), eval_mode(self.model):
+                for x, y in self.batches():
+                    p = self.executor.start_batch(x)
+                    base.update(sample_measures(p, p, y))
+                    bar.update(1)
+                    try:
+                        qs = self.executor.run_many([pt.values for pt in perturbations])
+                    finally:
+                        self.executor.end_batch()
+                    for acc, q in zip(sums, qs):
+                        acc.update(sample_measures(p, q, y))
+                    bar.update(len(perturbations))
+        finally:
+            bar.close()
+        return base.compute(), {pt.key: acc.compute() for pt, acc in zip(perturbations, sums)}

@@ -1,0 +1,143 @@
+"""Model registry and factory specs: `create_model("fcn-3x256")`, `module:callable`, `file.py:callable`."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from ..errors import LayercritError
+from ..registry import Registry
+
+__all__ = ["MODELS", "ModelFactory", "create_model", "factory_for_data", "list_models", "register_model", "resolve_factory"]
+
+MODELS: Registry[nn.Module] = Registry("model")
+
+
+def register_model(name: str | None = None):
+    """Register a model constructor; its keyword arguments are the model's configuration."""
+    return MODELS.register(name)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Names of the built-in models, optionally filtered by a glob."""
+    return MODELS.list(pattern)
+
+
+@dataclass
+class ModelFactory:
+    """A callable that builds an untrained model: the model's own init source.
+
+    Attributes:
+        spec: the spec it was made from (a registry name, `module:callable` or `file.py:callable`).
+        fn: the constructor.
+        kwargs: keyword arguments it is called with.
+        builtin: whether `spec` names a registered model.
+    """
+
+    spec: str
+    fn: Callable[..., nn.Module]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    builtin: bool = False
+
+    def __call__(self) -> nn.Module:
+        try:
+            model = self.fn(**self.kwargs)
+        except TypeError as e:
+            raise LayercritError(f"model factory {self.spec!r} rejected its arguments {self.kwargs}: {e}") from None
+        except LayercritError:
+            raise
+        except Exception as e:  # the user's constructor failed: say so, without our traceback
+            raise LayercritError(f"model factory {self.spec!r} raised {type(e).__name__}: {e}") from None
+        if not isinstance(model, nn.Module):
+            raise LayercritError(
+                f"model factory {self.spec!r} returned {type(model).__name__}; expected a torch.nn.Module"
+            )
+        return model
+
+    def accepts(self, name: str) -> bool:
+        """Whether the constructor takes keyword `name` (used to fill in data-derived sizes)."""
+        try:
+            params = inspect.signature(self.fn).parameters
+        except (TypeError, ValueError):
+            return False
+        return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _load_file_module(path: Path):
+    # One module object per file: importing twice would create two distinct classes.
+    key = "layercrit_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, path)
+    if spec is None or spec.loader is None:
+        raise LayercritError(f"cannot import {str(path)!r} as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[key]
+        raise LayercritError(f"importing {str(path)!r} failed: {type(e).__name__}: {e}") from None
+    return module
+
+
+def resolve_factory(spec: str, **kwargs: Any) -> ModelFactory:
+    """Turn a model spec into a factory.
+
+    Args:
+        spec: a registered name (see `list_models()`), `package.module:callable`, or
+            `path/to/file.py:callable`.
+        **kwargs: keyword arguments for the constructor.
+    """
+    if spec in MODELS:
+        return ModelFactory(spec, MODELS.get(spec), dict(kwargs), builtin=True)
+    if ":" not in spec:
+        raise LayercritError(
+            f"unknown model {spec!r}; expected a built-in name ({', '.join(list_models())}), "
+            "'package.module:callable' or 'path/to/file.py:callable'"
+        )
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise LayercritError(f"model spec {spec!r} is incomplete; expected 'module:callable' or 'file.py:callable'")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target)
+        if not path.is_file():
+            raise LayercritError(f"model file {target!r} does not exist (from model spec {spec!r})")
+        module = _load_file_module(path)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as e:
+            raise LayercritError(f"cannot import module {target!r} for model spec {spec!r}: {e}") from None
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        raise LayercritError(f"{target!r} has no callable {attr!r} (from model spec {spec!r})")
+    return ModelFactory(spec, fn, dict(kwargs))
+
+
+def create_model(spec: str, **kwargs: Any) -> nn.Module:
+    """Build an untrained model from a registry name or a factory spec."""
+    return resolve_factory(spec, **kwargs)()
+
+
+def factory_for_data(spec: str, kwargs: dict[str, Any] | None, num_classes: int | None, input_shape: tuple[int, ...] | None) -> ModelFactory:
+    """Factory for `spec`; built-in models get `num_classes`/`input_shape` from the data unless given.
+
+    User factories receive only the keyword arguments given explicitly.
+    """
+    factory = resolve_factory(spec, **(kwargs or {}))
+    if factory.builtin:
+        if num_classes is not None and "num_classes" not in factory.kwargs and factory.accepts("num_classes"):
+            factory.kwargs["num_classes"] = int(num_classes)
+        if input_shape is not None and "input_shape" not in factory.kwargs and factory.accepts("input_shape"):
+            factory.kwargs["input_shape"] = tuple(int(s) for s in input_shape)
+    return factory

@@ -1,0 +1,102 @@
+"""Tidy results: one row per (model, layer, probe, trial) with its seed, plus summaries."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import LayercritError
+from .io import atomic_path, check_output_path
+
+__all__ = ["UNMODIFIED", "CriticalityResult", "summarize_trials"]
+
+UNMODIFIED = "(unmodified)"
+KEYS = ["model", "layer", "label", "probe"]
+ROW_COLUMNS = ["model", "layer", "label", "probe", "target", "trial", "seed", "n", "n_params"]
+VALUE_COLUMNS = ["criticality", "accuracy", "top5", "accuracy_drop", "agreement", "l1", "l2", "kl", "loss"]
+
+
+def summarize_trials(table: pd.DataFrame, keys: list[str] | None = None, measures: list[str] | None = None) -> pd.DataFrame:
+    """Per group of `keys`: mean, std (ddof=1), standard error std/√T and a t-based 95 % CI per measure.
+
+    Groups keep their first-seen order. With a single trial std, sem and the CI are NaN.
+    """
+    from scipy import stats  # deferred: scipy.stats costs a second at import
+
+    keys = [k for k in (keys or KEYS + ["target"]) if k in table.columns]
+    measures = [m for m in (measures or VALUE_COLUMNS) if m in table.columns]
+    rows = []
+    for key, g in table.groupby(keys, sort=False, dropna=False):
+        row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        t = len(g)
+        row["trials"] = t
+        for m in measures:
+            v = g[m].to_numpy(dtype=float)
+            mean = float(np.mean(v))
+            std = float(np.std(v, ddof=1)) if t > 1 else math.nan
+            sem = std / math.sqrt(t) if t > 1 else math.nan
+            half = float(stats.t.ppf(0.975, t - 1)) * sem if t > 1 else math.nan
+            row |= {f"{m}_mean": mean, f"{m}_std": std, f"{m}_sem": sem, f"{m}_ci_low": mean - half, f"{m}_ci_high": mean + half}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class CriticalityResult:
+    """Result of `layercrit.measure`.
+
+    Attributes:
+        table: tidy DataFrame, one row per (layer, probe, trial) plus one for the unmodified model.
+        config: the resolved configuration (saved next to the results).
+    """
+
+    table: pd.DataFrame
+    config: dict = field(default_factory=dict)
+
+    def summary(self) -> pd.DataFrame:
+        """Per (layer, probe): mean, std, standard error and 95 % CI of each measure over trials."""
+        return summarize_trials(self.table)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the table as `.csv` (config in a `.json` beside it) or `.json` (config, rows, summary)."""
+        path = check_output_path(path, (".csv", ".json"))
+        if path.suffix.lower() == ".csv":
+            with atomic_path(path) as tmp:
+                self.table.to_csv(tmp, index=False)
+            config_path = path.with_suffix(".config.json")
+            with atomic_path(config_path) as tmp:
+                tmp.write_text(json.dumps(self.config, indent=2, default=str))
+        else:
+            doc = {
+                "config": self.config,
+                "rows": json.loads(self.table.to_json(orient="records")),
+                "summary": json.loads(self.summary().to_json(orient="records")),
+            }
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(doc, indent=2, default=str))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CriticalityResult:
+        """Read a result written by `save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise LayercritError(f"results file {str(path)!r} does not exist")
+        try:
+            if path.suffix.lower() == ".json":
+                doc = json.loads(path.read_text())
+                return cls(pd.DataFrame(doc["rows"]), doc.get("config", {}))
+            table = pd.read_csv(path)
+        except (ValueError, KeyError, OSError) as e:
+            raise LayercritError(f"cannot read results file {str(path)!r}: {e}") from None
+        config_path = path.with_suffix(".config.json")
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        missing = {"layer", "probe", "criticality"} - set(table.columns)
+        if missing:
+            raise LayercritError(f"results file {str(path)!r} lacks columns {', '.join(sorted(missing))}")
+        return cls(table, config)

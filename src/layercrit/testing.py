@@ -1,0 +1,116 @@
+"""Test helpers: tiny models with hand-set weights, importable by users' own tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+__all__ = ["TinyCNN", "TinyLinear", "TinyMLP", "TinyResNet", "TinyTransformer"]
+
+
+class TinyLinear(nn.Module):
+    """logits = W x + b with W, b given (a 2-input, 2-class model by default: W = I, b = 0)."""
+
+    def __init__(self, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        weight = torch.eye(2) if weight is None else weight
+        self.fc = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.fc.weight.copy_(weight)
+            self.fc.bias.copy_(torch.zeros(weight.shape[0]) if bias is None else bias)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+class TinyMLP(nn.Module):
+    """Two Linear layers with a ReLU between; hand-settable via `load_state_dict`."""
+
+    def __init__(self, d_in: int = 4, hidden: int = 3, classes: int = 2) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+class TinyCNN(nn.Module):
+    """Conv → BatchNorm → ReLU → pool → Linear, for 1×8×8 inputs."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 4 * 4, classes)
+
+    def forward(self, x):
+        return self.fc(nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 2).flatten(1))
+
+
+class _Block(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class TinyResNet(nn.Module):
+    """A two-stage residual network with torchvision's module names (`conv1`, `layer1.0.conv1`, `fc`)."""
+
+    def __init__(self, classes: int = 10, width: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = nn.Sequential(_Block(width, width, 1), _Block(width, width, 1))
+        self.layer2 = nn.Sequential(_Block(width, 2 * width, 2), _Block(2 * width, 2 * width, 1))
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer2(self.layer1(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class _EncoderBlock(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyTransformer(nn.Module):
+    """Patch embedding, a learned position embedding and class token (own `nn.Parameter`s), two encoder blocks."""
+
+    def __init__(self, classes: int = 10, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, 4, 4)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 5, dim) * 0.02)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList([_EncoderBlock(dim, heads), _EncoderBlock(dim, heads)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos
+        for block in self.encoder.layers:
+            x = block(x)
+        return self.head(self.norm(x[:, 0]))
