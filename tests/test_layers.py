@@ -88,3 +88,17 @@ def test_selection_globs_groups_and_errors():
         select_units(model, granularity="neuron")
     with pytest.raises(LayercritError, match="no layer of type Conv2d"):
         select_units(model, types=["Conv2d"])
+
+
+def test_wrapped_resnet_keeps_paper_labels():
+    """A normalization wrapper (`model.` prefix) does not hide the ResNet layout."""
+    from layercrit.data import wrap_normalized
+    from layercrit.robustness import builtin_groups
+
+    model = wrap_normalized(TinyResNet(), [0.5], [0.25])
+    labels = {la.name: la.label for la in list_layers(model)}
+    assert labels["model.conv1"] == "[0.0] conv" and labels["model.fc"] == "[Head] fc"
+    blocks = select_units(model, granularity="block")
+    assert [u.label for u in blocks][:2] == ["stage0", "stage1.resblk1"]
+    assert blocks[1].layers == ("model.layer1.0.conv1", "model.layer1.0.conv2")
+    assert builtin_groups(model, "every-second-block")["every-second-block"] == ["model.layer1.1.*", "model.layer2.1.*"]

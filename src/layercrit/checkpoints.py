@@ -21,7 +21,7 @@ import torch.nn as nn
 from .errors import LayercritError
 from .io import atomic_path
 
-__all__ = ["FORMAT", "VERSION", "apply_weights", "load_checkpoint", "load_state_dict", "save_checkpoint", "strip_wrappers"]
+__all__ = ["FORMAT", "VERSION", "Run", "apply_weights", "load_checkpoint", "load_state_dict", "save_checkpoint", "strip_wrappers"]
 
 FORMAT = "layercrit-checkpoint"
 VERSION = 1
@@ -118,3 +118,105 @@ def save_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], **
     with atomic_path(path) as tmp:
         torch.save(doc, tmp)
     return path
+
+
+class Run:
+    """A training run's checkpoint folder (as written by `layercrit train`), validated.
+
+    Attributes:
+        path: the folder.
+        manifest: the parsed `manifest.json`.
+        files: checkpoint file per epoch, ascending; epoch 0 is the untrained init.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        import json
+        import warnings
+
+        self.path = path = Path(path)
+        if not path.is_dir():
+            raise LayercritError(f"checkpoint folder {str(path)!r} does not exist")
+        mpath = path / "manifest.json"
+        if not mpath.is_file():
+            raise LayercritError(f"{str(path)!r} has no manifest.json: not a layercrit training run (`layercrit train` writes one)")
+        try:
+            self.manifest = json.loads(mpath.read_text())
+            entries = self.manifest["checkpoints"]
+            self.files = {int(c["epoch"]): path / c["file"] for c in entries}
+        except (ValueError, KeyError, TypeError) as e:
+            raise LayercritError(f"{str(mpath)!r} is not a valid layercrit manifest: {e}") from None
+        self.files = dict(sorted(self.files.items()))
+        if 0 not in self.files:
+            raise LayercritError(f"{str(path)!r} has no checkpoint 0 (the untrained init, needed to reset layers to it)")
+        missing = [f.name for f in self.files.values() if not f.is_file()]
+        if missing:
+            raise LayercritError(f"manifest in {str(path)!r} lists {', '.join(missing)}, which do not exist")
+        unlisted = sorted({f.name for f in path.glob("epoch_*.pt")} - {f.name for f in self.files.values()})
+        if unlisted:  # e.g. a run killed between writing a checkpoint and the manifest
+            warnings.warn(f"{str(path)!r} holds checkpoints the manifest does not list (ignored): {', '.join(unlisted)}", stacklevel=2)
+        config = self.manifest.get("config", {})
+        self.model_spec: str = config.get("model", "")
+        self.model_kwargs: dict = config.get("model_kwargs", {})
+        self._cache: dict[int, dict] = {}
+
+    @property
+    def epochs(self) -> list[int]:
+        return list(self.files)
+
+    @property
+    def final_epoch(self) -> int:
+        return self.epochs[-1]
+
+    def checkpoint(self, epoch: int) -> dict:
+        """The checkpoint of `epoch`, checked to be of this run's architecture (two kept in memory)."""
+        if epoch not in self.files:
+            raise LayercritError(f"{str(self.path)!r} has no checkpoint of epoch {epoch}; it has {self.epochs}")
+        if epoch not in self._cache:
+            ckpt = load_checkpoint(self.files[epoch])
+            model = ckpt.get("model") or {}
+            if ckpt.get("epoch") != epoch:
+                raise LayercritError(f"{self.files[epoch].name} holds epoch {ckpt.get('epoch')}, the manifest says {epoch}")
+            kwargs = model.get("kwargs") or {}
+            if model.get("spec") != self.model_spec or _plain(kwargs) != _plain(self.model_kwargs):
+                raise LayercritError(
+                    f"{self.files[epoch].name} is a checkpoint of {model.get('spec')!r} {kwargs}, but the run is "
+                    f"{self.model_spec!r} {self.model_kwargs}: checkpoints of another architecture"
+                )
+            while len(self._cache) >= 2:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[epoch] = ckpt
+        return self._cache[epoch]
+
+    def state_dict(self, epoch: int) -> dict[str, torch.Tensor]:
+        return strip_wrappers(self.checkpoint(epoch)["state_dict"])
+
+    def factory(self):
+        """The run's untrained constructor (the init source for re-randomization)."""
+        from .models import resolve_factory
+
+        return resolve_factory(self.model_spec, **self.model_kwargs)
+
+    def model(self, epoch: int | None = None) -> nn.Module:
+        """The model with the weights of `epoch` (default: the last checkpoint)."""
+        epoch = self.final_epoch if epoch is None else epoch
+        model = self.factory()()
+        return apply_weights(model, self.state_dict(epoch), f"checkpoint {self.files[epoch].name}")
+
+    @property
+    def test_data(self) -> str | None:
+        """The run's held-out data spec, when it has one."""
+        from .data import held_out_spec
+
+        config = self.manifest.get("config", {})
+        return config.get("test_data") or held_out_spec(config.get("data", ""))
+
+    @property
+    def train_data(self) -> str:
+        return self.manifest.get("config", {}).get("data", "digits:train")
+
+
+def _plain(obj):
+    """JSON-comparable form (tuples and lists alike)."""
+    import json
+
+    return json.loads(json.dumps(obj))

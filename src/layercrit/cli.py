@@ -51,6 +51,30 @@ def _out_path(text: str) -> Path:
     return Path(text)
 
 
+def _int_list(text: str) -> list[int]:
+    """`0,1,2,5` or ranges `0-10` (inclusive), mixed."""
+    out: list[int] = []
+    try:
+        for part in filter(None, text.split(",")):
+            lo, sep, hi = part.partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 0,1,2,5 or 0-10, got {text!r}") from None
+    return out
+
+
+def _write_table(table: pd.DataFrame, path: Path, config: dict | None = None) -> Path:
+    """Write a tidy table as .csv (config beside it) or .json, atomically."""
+    return CriticalityResult(table, config or {}).save(path)
+
+
+def _pivot(table: pd.DataFrame, value: str, scale: float = 100.0) -> str:
+    order_rows = list(dict.fromkeys(table["label"]))
+    order_cols = list(dict.fromkeys(table["target"]))
+    grid = table.groupby(["label", "target"], sort=False)[value].mean().unstack("target")
+    return (grid.reindex(index=order_rows, columns=order_cols) * scale).to_string(float_format=lambda v: f"{v:6.1f}")
+
+
 def _add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
     p.add_argument("--model", required=True, metavar="SPEC", help="built-in name, package.module:callable or file.py:callable")
     p.add_argument("--model-arg", action="append", type=_model_arg, default=[], metavar="KEY=VALUE",
@@ -157,6 +181,60 @@ def cmd_measure(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .training import TrainConfig, train
+
+    config = TrainConfig(
+        model=args.model, model_kwargs=dict(args.model_arg), data=args.data, test_data=args.test_data,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, momentum=args.momentum,
+        weight_decay=args.weight_decay, milestones=args.milestones, gamma=args.gamma, seed=args.seed,
+        augment=args.augment, save_epochs=args.save_epochs,
+    )
+    run = train(config, args.out, resume=args.resume, progress=not args.quiet, device=args.device)
+    rows = pd.DataFrame(run.manifest["checkpoints"])
+    print(rows.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"checkpoints and manifest.json in {run.out_dir}")
+    return 0
+
+
+def cmd_robustness(args) -> int:
+    from .robustness import CHECKPOINT, robustness
+
+    if args.out is not None:
+        check_output_path(args.out, (".csv", ".json"))
+    result = robustness(
+        args.run, args.data, epochs=args.epochs, groups=args.group, images=args.images, data_seed=args.data_seed,
+        progress=not args.quiet, trials=args.trials, seed=args.seed, granularity=args.granularity,
+        layers=args.layers, include_norm=args.include_norm, batch_size=args.batch_size, device=args.device,
+    )
+    t = result.table
+    layer_rows = t[(t["probe"] != "none")]
+    final = t[t["probe"] == "none"].iloc[0]
+    print(f"test error (%) after resetting each row's layer to each column's values; n={int(final['n'])}, "
+          f"final model: {100 * final['error']:.2f}%")
+    print(_pivot(layer_rows.assign(label=layer_rows["label"].where(layer_rows["layer"] != CHECKPOINT, "(whole model)")), "error"))
+    print("\ncriticality (%)")
+    print(_pivot(layer_rows[layer_rows["layer"] != CHECKPOINT], "criticality"))
+    if args.out is not None:
+        print(f"wrote {result.save(args.out)}")
+    return 0
+
+
+def cmd_distances(args) -> int:
+    from .robustness import weight_distances
+
+    if args.out is not None:
+        check_output_path(args.out, (".csv", ".json"))
+    table = weight_distances(args.run, epochs=args.epochs, granularity=args.granularity, layers=args.layers,
+                             include_norm=args.include_norm)
+    for value, title in (("l2", "‖θτ − θ⁰‖₂ / √dim"), ("linf", "‖θτ − θ⁰‖∞"), ("spectral", "spectral norm of θτ − θ⁰")):
+        grid = table.pivot_table(index="label", columns="epoch", values=value, sort=False)
+        print(f"{title}\n{grid.to_string(float_format=lambda v: f'{v:8.4f}')}\n")
+    if args.out is not None:
+        print(f"wrote {_write_table(table, args.out, {'run': str(args.run)})}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -196,6 +274,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=_out_path, metavar="FILE.csv|FILE.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_measure)
+
+    p = sub.add_parser("train", help="train a model, saving checkpoint 0 and the chosen epochs")
+    _add_model_args(p, weights=False)
+    p.add_argument("--data", default="digits:train", metavar="SPEC", help="training data (default digits:train)")
+    p.add_argument("--test-data", metavar="SPEC", help="held-out data (default: the data's own test split)")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--out", type=_out_path, required=True, metavar="DIR")
+    p.add_argument("--save-epochs", type=_int_list, metavar="LIST", help="e.g. 0,1,2,5,10-20 (default: every epoch)")
+    p.add_argument("--lr", type=float, help="learning rate (default per data format, see README)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--milestones", type=_int_list, metavar="LIST", help="epochs where lr *= gamma (default 30/60/90%%)")
+    p.add_argument("--gamma", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="pad-4 crop + flip (default: CIFAR only)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--device", help="e.g. cpu, cuda (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_train)
+
+    for name, helptext in (("robustness", "re-initialization robustness table of a training run"),
+                           ("distances", "weight distance of each layer to checkpoint 0")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("run", type=Path, metavar="CKPT_DIR")
+        p.add_argument("--epochs", type=_int_list, metavar="LIST", help="checkpoints to use (default: all)")
+        p.add_argument("--granularity", default="layer", choices=["layer", "block"])
+        p.add_argument("--layers", nargs="+", metavar="GLOB")
+        p.add_argument("--include-norm", action="store_true")
+        p.add_argument("--out", type=_out_path, metavar="FILE.csv|FILE.json")
+        if name == "robustness":
+            p.add_argument("--data", metavar="SPEC", help="evaluation data (default: the run's test data)")
+            p.add_argument("--trials", type=int, default=3, help="re-randomization trials")
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--images", type=int)
+            p.add_argument("--data-seed", type=int, default=0)
+            p.add_argument("--group", nargs="+", metavar="GROUP",
+                           help="joint groups: NAME=GLOB,GLOB or all-but-first-block-per-stage / every-second-block")
+            p.add_argument("--batch-size", type=int, default=256)
+            p.add_argument("--device")
+            p.add_argument("--quiet", action="store_true")
+        p.set_defaults(fn=cmd_robustness if name == "robustness" else cmd_distances)
 
     p = sub.add_parser("demo", help="train an FCN-3x256 on digits and measure its layers")
     p.add_argument("--out", type=_out_path, default=Path("demo-out"), metavar="DIR")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import platform
 from collections.abc import Callable, Mapping, Sequence
@@ -139,13 +140,14 @@ def measure(
     engine = Engine(model, dataset.x, dataset.y, config.batch_size, config.device, config.executor, progress)
     perturbations, meta = [], {}
     for probe in probe_objs:
+        target = probe.describe().get("target", "")
         for unit in units:
             for trial in range(config.trials if probe.random else 1):
                 seed = derive_seed(config.seed, trial)
-                key = (probe.name, unit.name, trial)
+                key = (probe.name, target, unit.name, trial)
                 if key in meta:
-                    raise LayercritError(f"probe {probe.name!r} given twice; give each probe once")
-                perturbations.append(Perturbation(key, probe.values(model, unit, seed)))
+                    raise LayercritError(f"probe {probe.name!r} {target} given twice; give each probe once")
+                perturbations.append(Perturbation(key, functools.partial(probe.values, model, unit, seed)))
                 meta[key] = (probe, unit, trial, seed)
     base, results = engine.evaluate(perturbations, desc=f"{model_name}: {len(perturbations)} probes")
     rows = [_row(model_name, UNMODIFIED, "unmodified", "none", "", 0, math.nan, len(dataset), 0, base, base)]

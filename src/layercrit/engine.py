@@ -10,7 +10,7 @@ substituted, a faster executor can replace it without touching the rest.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,11 +31,19 @@ class Perturbation:
 
     Attributes:
         key: identifies the result (e.g. (unit, probe, trial)).
-        values: new values of the changed parameters, by full parameter name.
+        values: new values of the changed parameters, by full parameter name, or a callable
+            returning them (materialized only when its chunk runs, see `Engine.evaluate`).
     """
 
     key: Hashable
-    values: Mapping[str, torch.Tensor]
+    values: Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]]
+
+    def materialize(self) -> Mapping[str, torch.Tensor]:
+        return self.values() if callable(self.values) else self.values
+
+
+def _nbytes(values: Mapping[str, torch.Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in values.values())
 
 
 def logits_of(output) -> torch.Tensor:
@@ -125,6 +133,9 @@ class Engine:
         device: where to compute (default: the model's device).
         executor: executor name (see `EXECUTORS`).
         progress: show a progress bar.
+        values_budget: bytes of substituted parameter values held at once; more perturbations
+            than fit are evaluated in several passes over the data (each pass recomputes the
+            unmodified outputs, which are identical).
     """
 
     def __init__(
@@ -136,6 +147,7 @@ class Engine:
         device: str | torch.device | None = None,
         executor: str = "full",
         progress: bool = False,
+        values_budget: int = 2 << 30,
     ) -> None:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise LayercritError(f"Expected `batch_size` to be a positive integer, got {batch_size!r}")
@@ -150,6 +162,7 @@ class Engine:
         self.batch_size = batch_size
         self.executor = EXECUTORS.get(executor)(model)
         self.progress = progress
+        self.values_budget = values_budget
         self.num_outputs = self._check_inputs()
 
     def _check_inputs(self) -> int:
@@ -179,27 +192,48 @@ class Engine:
             y = None if self.labels is None else self.labels[i : i + self.batch_size].to(self.device)
             yield x, y
 
+    def _chunks(self, perturbations: Sequence[Perturbation]) -> Iterator[list[tuple[Hashable, Mapping[str, torch.Tensor]]]]:
+        chunk, size = [], 0
+        for pt in perturbations:
+            values = pt.materialize()
+            n = _nbytes(values)
+            if chunk and size + n > self.values_budget:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append((pt.key, values))
+            size += n
+        if chunk or not perturbations:  # no perturbations: one pass still measures the model itself
+            yield chunk
+
     def evaluate(
         self, perturbations: Sequence[Perturbation], desc: str = "probes"
     ) -> tuple[dict[str, float], dict[Hashable, dict[str, float]]]:
-        """Measures of the unmodified model and of each perturbation, as means over all samples."""
-        base = MeasureSums()
-        sums = [MeasureSums() for _ in perturbations]
+        """Measures of the unmodified model and of each perturbation, as means over all samples.
+
+        Perturbations run in chunks that fit `values_budget`; within a chunk the loop is over
+        batches outside and perturbations inside.
+        """
         n_batches = -(-len(self.inputs) // self.batch_size)
-        bar = tqdm(total=n_batches * (1 + len(perturbations)), desc=desc, unit="fwd", disable=not self.progress, leave=False)
+        out: dict[Hashable, dict[str, float]] = {}
+        base_result = None
+        bar = tqdm(total=n_batches * len(perturbations), desc=desc, unit="fwd", disable=not self.progress, leave=False)
         try:
             with torch.no_grad(), eval_mode(self.model):
-                for x, y in self.batches():
-                    p = self.executor.start_batch(x)
-                    base.update(sample_measures(p, p, y))
-                    bar.update(1)
-                    try:
-                        qs = self.executor.run_many([pt.values for pt in perturbations])
-                    finally:
-                        self.executor.end_batch()
-                    for acc, q in zip(sums, qs):
-                        acc.update(sample_measures(p, q, y))
-                    bar.update(len(perturbations))
+                for chunk in self._chunks(perturbations):
+                    base = MeasureSums()
+                    sums = [MeasureSums() for _ in chunk]
+                    for x, y in self.batches():
+                        p = self.executor.start_batch(x)
+                        base.update(sample_measures(p, p, y))
+                        try:
+                            qs = self.executor.run_many([values for _, values in chunk])
+                        finally:
+                            self.executor.end_batch()
+                        for acc, q in zip(sums, qs):
+                            acc.update(sample_measures(p, q, y))
+                        bar.update(len(chunk))
+                    base_result = base_result or base.compute()
+                    out.update({key: acc.compute() for (key, _), acc in zip(chunk, sums)})
         finally:
             bar.close()
-        return base.compute(), {pt.key: acc.compute() for pt, acc in zip(perturbations, sums)}
+        return base_result, out

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .errors import LayercritError
 
-__all__ = ["block_units", "is_resnet_layout", "layer_labels"]
+__all__ = ["block_units", "is_resnet_layout", "layer_labels", "resnet_root"]
 
 _STYLES = ("auto", "name", "gavrikov", "zhang")
 _BLOCK = re.compile(r"^layer(\d+)\.(\d+)(?:\.(.+))?$")
@@ -27,6 +27,22 @@ def is_resnet_layout(model: nn.Module) -> bool:
     """Whether the module names follow torchvision's ResNet layout."""
     names = {n for n, _ in model.named_modules()}
     return "conv1" in names and "fc" in names and any(_BLOCK.match(n) for n in names)
+
+
+def resnet_root(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """(prefix, module) of a ResNet-layout model, looking through wrappers that hold it as their only
+    parameterized child (a normalization wrapper's `model.`, DataParallel's `module.`)."""
+    prefix = ""
+    for _ in range(4):
+        if is_resnet_layout(model):
+            return prefix, model
+        if any(True for _ in model.parameters(recurse=False)):
+            return None
+        holders = [(n, c) for n, c in model.named_children() if any(True for _ in c.parameters())]
+        if len(holders) != 1:
+            return None
+        prefix, model = prefix + holders[0][0] + ".", holders[0][1]
+    return None
 
 
 def _gavrikov(name: str) -> str:
@@ -69,10 +85,14 @@ def _check_style(style: str) -> None:
 def layer_labels(model: nn.Module, names: Sequence[str], style: str = "auto") -> dict[str, str]:
     """Label for each layer name. "auto" is Gavrikov's style on ResNet layouts, else the name."""
     _check_style(style)
+    root = resnet_root(model)
     if style == "auto":
-        style = "gavrikov" if is_resnet_layout(model) else "name"
-    fn = {"gavrikov": _gavrikov, "zhang": _zhang}.get(style, lambda n: n or "(root)")
-    return {n: fn(n) for n in names}
+        style = "gavrikov" if root else "name"
+    fn = {"gavrikov": _gavrikov, "zhang": _zhang}.get(style)
+    prefix = root[0] if root else ""
+    if fn is None:
+        return {n: n or "(root)" for n in names}
+    return {n: fn(n[len(prefix):]) if n.startswith(prefix) else n for n in names}
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -110,9 +130,11 @@ def block_units(model: nn.Module, style: str = "auto") -> list[tuple[str, str, t
     blocks (so a ViT's encoder blocks are units of their own).
     """
     _check_style(style)
-    if is_resnet_layout(model):
+    root = resnet_root(model)
+    if root:
+        pre, net = root
         blocks: dict[str, list[str]] = {}
-        for n, child in model.named_children():
+        for n, child in net.named_children():
             if n.startswith("layer") and isinstance(child, _CONTAINERS):
                 for b, _ in child.named_children():
                     blocks.setdefault(f"{n}.{b}", []).append(f"{n}.{b}")
@@ -121,6 +143,7 @@ def block_units(model: nn.Module, style: str = "auto") -> list[tuple[str, str, t
         out = []
         for key, prefixes in blocks.items():
             zlabel = _zhang_block(prefixes[0]) or key
-            out.append((zlabel if key == "stem" else key, zlabel if style in ("auto", "zhang") else key, tuple(prefixes)))
+            name = zlabel if key == "stem" else pre + key
+            out.append((name, zlabel if style in ("auto", "zhang") else name, tuple(pre + p for p in prefixes)))
         return out
     return [(p, p or "(root)", (p,)) for p in _generic_blocks(model, "", True)]

@@ -50,12 +50,14 @@ def list_probes(pattern: str = "*") -> list[str]:
 
 @contextlib.contextmanager
 def substitute(model: nn.Module, values: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
-    """Write `values` into the named parameters of `model`; restore them bit-exactly on exit.
+    """Write `values` into the named parameters (or buffers) of `model`; restore them bit-exactly on exit.
 
     The originals are saved with `detach().clone()` (a state_dict copy would share storage) and
     copied back in `finally`.
     """
     params = dict(model.named_parameters())
+    if any(n not in params for n in values):  # buffers too, for whole-checkpoint evaluations
+        params |= dict(model.named_buffers())
     missing = [n for n in values if n not in params]
     if missing:
         raise LayercritError(f"model has no parameter(s) {', '.join(missing)}")
@@ -99,8 +101,8 @@ class Probe:
             yield model
 
     def describe(self) -> dict:
-        """What the probe is, for result metadata."""
-        return {"probe": self.name}
+        """What the probe is, for result metadata; `target` names what the unit is reset to."""
+        return {"probe": self.name, "target": self.name}
 
 
 def _params(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -194,7 +196,7 @@ class Rerandomize(Probe):
         return out
 
     def describe(self) -> dict:
-        return {"probe": self.name, "init_source": "factory" if self.factory else "reset_parameters"}
+        return {"probe": self.name, "target": self.name, "init_source": "factory" if self.factory else "reset_parameters"}
 
 
 def _reset_fn(module: nn.Module) -> Callable[[], None] | None:
@@ -297,4 +299,4 @@ class Interpolate(Probe):
         return out
 
     def describe(self) -> dict:
-        return {"probe": self.name, "alpha": self.alpha, "sigma": self.sigma}
+        return {"probe": self.name, "target": f"alpha={self.alpha:g},sigma={self.sigma:g}", "alpha": self.alpha, "sigma": self.sigma}

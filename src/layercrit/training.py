@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoints import apply_weights, load_checkpoint, save_checkpoint
-from .data import Dataset, load_data
+from .data import Dataset, held_out_spec, load_data
 from .engine import eval_mode, logits_of
 from .errors import LayercritError
 from .io import atomic_path
@@ -111,12 +111,8 @@ def _load_pair(config: TrainConfig) -> tuple[Dataset, Dataset | None]:
     train_data = load_data(config.data, split="train")
     if train_data.y is None:
         raise LayercritError(f"training data {config.data!r} has no labels ('y')")
-    if config.test_data is not None:
-        test_data = load_data(config.test_data, split="test")
-    elif train_data.meta.get("split") == "train":
-        test_data = load_data(config.data.partition(":")[0], split="test")
-    else:
-        test_data = None
+    test_spec = config.test_data or held_out_spec(config.data)
+    test_data = load_data(test_spec, split="test") if test_spec else None
     if test_data is not None and test_data.input_shape != train_data.input_shape:
         raise LayercritError(
             f"test data has samples of shape {test_data.input_shape}, training data {train_data.input_shape}"
@@ -129,7 +125,9 @@ def _write_manifest(out_dir: Path, manifest: dict) -> None:
         tmp.write_text(json.dumps(manifest, indent=2))
 
 
-def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = False) -> TrainRun:
+def train(
+    config: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = False, device: str | None = None
+) -> TrainRun:
     """Train `config.model` on `config.data`, saving checkpoints to `out_dir`.
 
     Args:
@@ -137,7 +135,9 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
         out_dir: folder for `epoch_XXXX.pt` checkpoints and `manifest.json` (created if missing).
         resume: continue from the newest checkpoint in `out_dir` (same config required).
         progress: show a progress bar.
+        device: where to train (default: CUDA when available, else CPU; deterministic on CPU).
     """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = Path(out_dir)
     if not out_dir.parent.is_dir():
         raise LayercritError(f"output folder's parent {str(out_dir.parent)!r} does not exist")
@@ -151,6 +151,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = factory()
+    model.to(device)
     hparams = asdict(config) | {"lr": lr, "augment": augment, "model_kwargs": factory.kwargs}
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=config.milestones, gamma=config.gamma)
@@ -209,6 +210,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
             x, y = x_all[idx], y_all[idx]
             if augment:
                 x = _augment(x, g)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = F.cross_entropy(logits_of(model(x)), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

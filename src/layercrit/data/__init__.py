@@ -1,6 +1,13 @@
 """Data loading: `load_data(spec)` turns a data spec into a `Dataset` of tensors.
 
-Specs: `digits` (the test split; `digits:train`, `digits:all`), `path/to/file.npz`.
+Specs:
+    `digits` (the test split; `digits:train`, `digits:all`): scikit-learn's 8×8 digits.
+    `path/to/file.npz`: arrays `x` and optional `y`.
+    `cifar10:DIR[:train|test]`: a `cifar-10-batches-py` folder.
+    `mnist:DIR[:train|test]`: a folder with the four MNIST IDX files (optionally `.gz`).
+    `imagefolder:DIR`: one subfolder of images per class (ImageNet validation layout; one split).
+    `DIR`: detected: CIFAR-10 batches (`data_batch_1` or `test_batch`), else MNIST IDX files
+        (`*-idx3-ubyte*`), else an image folder (has subfolders).
 """
 
 from __future__ import annotations
@@ -9,25 +16,92 @@ from pathlib import Path
 
 from ..errors import LayercritError
 from .base import Dataset
+from .cifar import load_cifar10
 from .digits import load_digits
+from .imagefolder import Normalize, load_imagefolder, wrap_normalized
+from .mnist import load_mnist
 from .npz import load_npz
 
-__all__ = ["Dataset", "load_data", "load_digits", "load_npz"]
+__all__ = [
+    "Dataset",
+    "Normalize",
+    "held_out_spec",
+    "load_cifar10",
+    "load_data",
+    "load_digits",
+    "load_imagefolder",
+    "load_mnist",
+    "load_npz",
+    "wrap_normalized",
+]
+
+SPEC_FORMS = (
+    "'digits[:train|test|all]', 'cifar10:DIR[:train|test]', 'mnist:DIR[:train|test]', 'imagefolder:DIR', "
+    "a file ending in .npz or a data folder"
+)
+_SPLIT_LOADERS = {"cifar10": load_cifar10, "mnist": load_mnist}
+
+
+def _detect(folder: Path) -> str | None:
+    """The format of a bare data folder, or None."""
+    if (folder / "data_batch_1").is_file() or (folder / "test_batch").is_file():
+        return "cifar10"
+    if any(folder.glob("*-idx3-ubyte*")):
+        return "mnist"
+    if any(p.is_dir() for p in folder.iterdir()):
+        return "imagefolder"
+    return None
 
 
 def load_data(spec: str, split: str | None = None) -> Dataset:
     """Load a data spec.
 
     Args:
-        spec: `digits[:train|test|all]` or a `.npz` file.
-        split: default split when the spec names none ("test" for evaluation, "train" for training).
+        spec: `digits[:train|test|all]`, `cifar10:DIR[:train|test]`, `mnist:DIR[:train|test]`,
+            `imagefolder:DIR`, a `.npz` file or a data folder (format detected).
+        split: default split when the spec names none ("test" for evaluation, "train" for training);
+            ignored by `.npz` files and image folders, which hold one split.
     """
     if not isinstance(spec, str) or not spec:
-        raise LayercritError(f"Expected a data spec such as 'digits' or 'file.npz', got {spec!r}")
+        raise LayercritError(f"Expected a data spec such as 'digits', 'cifar10:DIR' or 'file.npz', got {spec!r}")
     name, _, rest = spec.partition(":")
     if name == "digits":
         return load_digits(rest or split or "test")
+    if name in _SPLIT_LOADERS or name == "imagefolder":
+        if not rest:
+            raise LayercritError(f"data spec {spec!r} names no folder; expected '{name}:DIR'")
+        folder, _, last = rest.rpartition(":")
+        if name == "imagefolder" or last not in ("train", "test"):
+            folder, last = rest, None  # no split suffix: the whole rest is the folder (it may contain ':')
+        if name == "imagefolder":
+            return load_imagefolder(folder, spec=spec)
+        return _SPLIT_LOADERS[name](folder, last or split or "test", spec=spec)
     path = Path(spec)
     if path.suffix.lower() == ".npz":
         return load_npz(path, spec)
-    raise LayercritError(f"unknown data spec {spec!r}; expected 'digits', 'digits:train' or a file ending in .npz")
+    if path.is_dir():
+        fmt = _detect(path)
+        if fmt == "imagefolder":
+            return load_imagefolder(path, spec=spec)
+        if fmt is not None:
+            return _SPLIT_LOADERS[fmt](path, split or "test", spec=spec)
+        raise LayercritError(
+            f"data folder {spec!r} holds no CIFAR-10 batches (data_batch_1, test_batch), MNIST IDX files "
+            "(*-idx3-ubyte) or class subfolders; name its format, e.g. 'cifar10:DIR'"
+        )
+    raise LayercritError(f"unknown data spec {spec!r}; expected {SPEC_FORMS}")
+
+
+def held_out_spec(train_spec: str) -> str | None:
+    """The built-in test split matching a training data spec (`digits:train` → `digits:test`), if any."""
+    name, _, rest = train_spec.partition(":")
+    if not rest and Path(train_spec).is_dir() and _detect(Path(train_spec)) in _SPLIT_LOADERS:
+        name, rest = _detect(Path(train_spec)), train_spec
+    if name == "digits":
+        return "digits:test" if rest in ("", "train") else None
+    if name in ("cifar10", "mnist"):
+        path, sep, split = rest.rpartition(":")
+        if sep and split in ("train", "test"):
+            return f"{name}:{path}:test" if split == "train" else None
+        return f"{name}:{rest}:test"
+    return None  # .npz files and image folders have no built-in split: pass test data explicitly
