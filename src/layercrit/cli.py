@@ -27,7 +27,7 @@ from .io import check_output_path
 from .layers import list_layers
 from .models import ModelFactory, factory_for_data
 from .probes import list_probes
-from .results import UNMODIFIED, CriticalityResult
+from .results import UNMODIFIED, CriticalityResult, save_table
 
 __all__ = ["main"]
 
@@ -61,11 +61,6 @@ def _int_list(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers like 0,1,2,5 or 0-10, got {text!r}") from None
     return out
-
-
-def _write_table(table: pd.DataFrame, path: Path, config: dict | None = None) -> Path:
-    """Write a tidy table as .csv (config beside it) or .json, atomically."""
-    return CriticalityResult(table, config or {}).save(path)
 
 
 def _pivot(table: pd.DataFrame, value: str, scale: float = 100.0) -> str:
@@ -231,7 +226,48 @@ def cmd_distances(args) -> int:
         grid = table.pivot_table(index="label", columns="epoch", values=value, sort=False)
         print(f"{title}\n{grid.to_string(float_format=lambda v: f'{v:8.4f}')}\n")
     if args.out is not None:
-        print(f"wrote {_write_table(table, args.out, {'run': str(args.run)})}")
+        print(f"wrote {save_table(table, args.out, {'run': str(args.run)})}")
+    return 0
+
+
+def _modcrit_settings(args) -> dict:
+    return {"alphas": args.alphas, "noise_draws": args.noise_draws, "train_subset": args.train_subset,
+            "data_seed": args.data_seed, "seed": args.seed, "loss": args.loss, "relative": args.relative,
+            "curve": not getattr(args, "fast", True), "layers": args.layers, "batch_size": args.batch_size, "device": args.device}
+
+
+def cmd_modcrit(args) -> int:
+    from .modcrit import run_module_criticality
+
+    if args.out is not None:
+        check_output_path(args.out, (".csv", ".json"))
+    result = run_module_criticality(args.run, args.data, progress=not args.quiet, epsilon=args.epsilon,
+                                    **_modcrit_settings(args))
+    cols = ["label", "epsilon", "alpha", "sigma", "mu", "delta_norm", "n_params", "loss", "note"]
+    print(result.table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print()
+    print(result.network[["epsilon", "threshold", "network_criticality", "pac_bayes", "infeasible_modules"]]
+          .to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"{result.evaluations:,} full-model evaluations on n={result.config['n']} training samples "
+          f"(training {args.loss} of the model itself: {result.config['base_train_loss']:.4g})")
+    if args.out is not None:
+        print(f"wrote {', '.join(map(str, result.save(args.out)))}")
+    return 0
+
+
+def cmd_rank(args) -> int:
+    from .generalization import rank_runs
+
+    if args.out is not None:
+        check_output_path(args.out, (".csv", ".json"))
+    models, ranking = rank_runs(args.runs, args.epsilon, progress=not args.quiet, **_modcrit_settings(args))
+    print(models.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print("\nrank correlation of each measure with the generalization error (GE = test − train error)")
+    print(ranking.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if args.out is not None:
+        path = save_table(models, args.out, {"runs": [str(r) for r in args.runs], "epsilon": args.epsilon})
+        rpath = save_table(ranking, path.with_name(path.stem + ".ranking" + path.suffix))
+        print(f"wrote {path} and {rpath}")
     return 0
 
 
@@ -316,6 +352,31 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--device")
             p.add_argument("--quiet", action="store_true")
         p.set_defaults(fn=cmd_robustness if name == "robustness" else cmd_distances)
+
+    for name, helptext in (("modcrit", "module criticality (Chatterji et al.) of a training run"),
+                           ("rank", "complexity measures of several runs ranked against their generalization error")):
+        p = sub.add_parser(name, help=helptext)
+        if name == "modcrit":
+            p.add_argument("run", type=Path, metavar="CKPT_DIR")
+            p.add_argument("--data", metavar="SPEC", help="training set (default: the run's own)")
+        else:
+            p.add_argument("runs", type=Path, nargs="+", metavar="CKPT_DIR")
+        p.add_argument("--epsilon", type=float, nargs="+", default=[0.1], help="training-error thresholds (default 0.1)")
+        p.add_argument("--relative", action="store_true", help="epsilon counts above the model's own training error")
+        p.add_argument("--alphas", type=int, default=21, help="alpha grid points (default 21)")
+        p.add_argument("--noise-draws", type=int, default=8, help="Monte-Carlo draws per (alpha, sigma) (default 8)")
+        p.add_argument("--train-subset", type=int, metavar="N", help="seeded subset of the training set")
+        p.add_argument("--data-seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="noise seed")
+        p.add_argument("--loss", default="error", choices=["error", "cross-entropy"])
+        if name == "modcrit":  # rank needs only mu and sigma at alpha = 1: it always searches that way
+            p.add_argument("--fast", action="store_true", help="only the alphas that can lower mu (no full curve)")
+        p.add_argument("--layers", nargs="+", metavar="GLOB")
+        p.add_argument("--batch-size", type=int, default=512)
+        p.add_argument("--device")
+        p.add_argument("--out", type=_out_path, metavar="FILE.csv|FILE.json")
+        p.add_argument("--quiet", action="store_true")
+        p.set_defaults(fn=cmd_modcrit if name == "modcrit" else cmd_rank)
 
     p = sub.add_parser("demo", help="train an FCN-3x256 on digits and measure its layers")
     p.add_argument("--out", type=_out_path, default=Path("demo-out"), metavar="DIR")

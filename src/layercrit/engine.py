@@ -133,6 +133,7 @@ class Engine:
         device: where to compute (default: the model's device).
         executor: executor name (see `EXECUTORS`).
         progress: show a progress bar.
+        measures: which measures to compute (default: all; see `measures.MEASURES`).
         values_budget: bytes of substituted parameter values held at once; more perturbations
             than fit are evaluated in several passes over the data (each pass recomputes the
             unmodified outputs, which are identical).
@@ -148,6 +149,7 @@ class Engine:
         executor: str = "full",
         progress: bool = False,
         values_budget: int = 2 << 30,
+        measures: Sequence[str] | None = None,
     ) -> None:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise LayercritError(f"Expected `batch_size` to be a positive integer, got {batch_size!r}")
@@ -163,6 +165,7 @@ class Engine:
         self.executor = EXECUTORS.get(executor)(model)
         self.progress = progress
         self.values_budget = values_budget
+        self.measures = measures
         self.num_outputs = self._check_inputs()
 
     def _check_inputs(self) -> int:
@@ -224,13 +227,13 @@ class Engine:
                     sums = [MeasureSums() for _ in chunk]
                     for x, y in self.batches():
                         p = self.executor.start_batch(x)
-                        base.update(sample_measures(p, p, y))
+                        base.update(sample_measures(p, p, y, self.measures))
                         try:
                             qs = self.executor.run_many([values for _, values in chunk])
                         finally:
                             self.executor.end_batch()
                         for acc, q in zip(sums, qs):
-                            acc.update(sample_measures(p, q, y))
+                            acc.update(sample_measures(p, q, y, self.measures))
                         bar.update(len(chunk))
                     base_result = base_result or base.compute()
                     out.update({key: acc.compute() for (key, _), acc in zip(chunk, sums)})

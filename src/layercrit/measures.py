@@ -8,7 +8,7 @@ All computations are done in float64 from the logits.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -28,30 +28,41 @@ MEASURES = PAIR_MEASURES + LABEL_MEASURES
 
 
 def sample_measures(
-    p_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.Tensor | None = None
+    p_logits: torch.Tensor,
+    q_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    which: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-sample measures of probed logits `q_logits` against original logits `p_logits`.
 
     Returns float64 tensors of shape (N,): `criticality` = 1 − cos(p, q) of the softmax vectors,
     `agreement` (same argmax), `l1`, `l2` (distances of p and q), `kl` = KL(p‖q); with labels also
-    `accuracy` (top-1 correct of q), `top5` and `loss` (cross entropy of q).
+    `accuracy` (top-1 correct of q), `top5` and `loss` (cross entropy of q). `which` limits the
+    computation to the named measures (default: all).
     """
-    p_log = F.log_softmax(p_logits.detach().double().flatten(1), dim=1)
+    want = set(MEASURES if which is None else which)
     q_log = F.log_softmax(q_logits.detach().double().flatten(1), dim=1)
-    p, q = p_log.exp(), q_log.exp()
-    out = {
-        "criticality": 1.0 - F.cosine_similarity(p, q, dim=1, eps=1e-12),
-        "agreement": (p_log.argmax(1) == q_log.argmax(1)).double(),
-        "l1": (p - q).abs().sum(1),
-        "l2": (p - q).pow(2).sum(1).sqrt(),
-        "kl": torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p)).sum(1),
-    }
-    if labels is not None:
+    out = {}
+    if want & set(PAIR_MEASURES):
+        p_log = F.log_softmax(p_logits.detach().double().flatten(1), dim=1)
+        p, q = p_log.exp(), q_log.exp()
+        pair = {
+            "criticality": lambda: 1.0 - F.cosine_similarity(p, q, dim=1, eps=1e-12),
+            "agreement": lambda: (p_log.argmax(1) == q_log.argmax(1)).double(),
+            "l1": lambda: (p - q).abs().sum(1),
+            "l2": lambda: (p - q).pow(2).sum(1).sqrt(),
+            "kl": lambda: torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p)).sum(1),
+        }
+        out |= {k: fn() for k, fn in pair.items() if k in want}
+    if labels is not None and want & set(LABEL_MEASURES):
         labels = labels.to(q_log.device)
         k = min(5, q_log.shape[1])
-        out["accuracy"] = (q_log.argmax(1) == labels).double()
-        out["top5"] = (q_log.topk(k, dim=1).indices == labels[:, None]).any(1).double()
-        out["loss"] = F.nll_loss(q_log, labels, reduction="none")
+        labelled = {
+            "accuracy": lambda: (q_log.argmax(1) == labels).double(),
+            "top5": lambda: (q_log.topk(k, dim=1).indices == labels[:, None]).any(1).double(),
+            "loss": lambda: F.nll_loss(q_log, labels, reduction="none"),
+        }
+        out |= {k: fn() for k, fn in labelled.items() if k in want}
     return out
 
 

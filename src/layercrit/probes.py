@@ -30,6 +30,7 @@ __all__ = [
     "Rerandomize",
     "Zero",
     "create_probe",
+    "gaussian_noise",
     "list_probes",
     "substitute",
 ]
@@ -74,6 +75,13 @@ def substitute(model: nn.Module, values: Mapping[str, torch.Tensor]) -> Iterator
         with torch.no_grad():
             for n, v in saved.items():
                 params[n].copy_(v)
+
+
+def gaussian_noise(like: torch.Tensor, seed: int, name: str) -> torch.Tensor:
+    """Standard-normal noise shaped like `like`, drawn on the CPU from its own generator seeded by
+    (seed, parameter name): the same draw on every device and whatever else is selected."""
+    g = generator(derive_seed(seed, name))
+    return torch.randn(like.shape, generator=g, dtype=like.dtype).to(like.device)
 
 
 class Probe:
@@ -292,10 +300,7 @@ class Interpolate(Probe):
             theta_f = params[n].detach()
             theta_0 = self.reference[n].to(theta_f.device, theta_f.dtype)
             v = torch.lerp(theta_0, theta_f, self.alpha)
-            if self.sigma > 0:
-                g = generator(derive_seed(seed, n))
-                v = v + self.sigma * torch.randn(v.shape, generator=g, dtype=v.dtype).to(v.device)
-            out[n] = v
+            out[n] = v + self.sigma * gaussian_noise(v, seed, n) if self.sigma > 0 else v
         return out
 
     def describe(self) -> dict:

@@ -13,7 +13,7 @@ import pandas as pd
 from .errors import LayercritError
 from .io import atomic_path, check_output_path
 
-__all__ = ["UNMODIFIED", "CriticalityResult", "summarize_trials"]
+__all__ = ["UNMODIFIED", "CriticalityResult", "save_table", "summarize_trials"]
 
 UNMODIFIED = "(unmodified)"
 KEYS = ["model", "layer", "label", "probe"]
@@ -46,6 +46,25 @@ def summarize_trials(table: pd.DataFrame, keys: list[str] | None = None, measure
     return pd.DataFrame(rows)
 
 
+def save_table(table: pd.DataFrame, path: str | Path, config: dict | None = None,
+               extra: dict[str, pd.DataFrame] | None = None) -> Path:
+    """Write a tidy table atomically: `.csv` with the config in `<stem>.config.json` beside it, or
+    `.json` holding `{"config", "rows", **extra}`. With `config=None` no config file is written."""
+    path = check_output_path(path, (".csv", ".json"))
+    if path.suffix.lower() == ".csv":
+        with atomic_path(path) as tmp:
+            table.to_csv(tmp, index=False)
+        if config is not None:
+            with atomic_path(path.with_suffix(".config.json")) as tmp:
+                tmp.write_text(json.dumps(config, indent=2, default=str))
+        return path
+    doc = {"config": config or {}, "rows": json.loads(table.to_json(orient="records"))}
+    doc |= {k: json.loads(v.to_json(orient="records")) for k, v in (extra or {}).items()}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2, default=str))
+    return path
+
+
 @dataclass
 class CriticalityResult:
     """Result of `layercrit.measure`.
@@ -63,23 +82,8 @@ class CriticalityResult:
         return summarize_trials(self.table)
 
     def save(self, path: str | Path) -> Path:
-        """Write the table as `.csv` (config in a `.json` beside it) or `.json` (config, rows, summary)."""
-        path = check_output_path(path, (".csv", ".json"))
-        if path.suffix.lower() == ".csv":
-            with atomic_path(path) as tmp:
-                self.table.to_csv(tmp, index=False)
-            config_path = path.with_suffix(".config.json")
-            with atomic_path(config_path) as tmp:
-                tmp.write_text(json.dumps(self.config, indent=2, default=str))
-        else:
-            doc = {
-                "config": self.config,
-                "rows": json.loads(self.table.to_json(orient="records")),
-                "summary": json.loads(self.summary().to_json(orient="records")),
-            }
-            with atomic_path(path) as tmp:
-                tmp.write_text(json.dumps(doc, indent=2, default=str))
-        return path
+        """Write the table as `.csv` (config in a `.config.json` beside it) or `.json` (config, rows, summary)."""
+        return save_table(self.table, path, self.config, {"summary": self.summary()})
 
     @classmethod
     def load(cls, path: str | Path) -> CriticalityResult:

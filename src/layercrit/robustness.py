@@ -28,7 +28,7 @@ from .layers import select_units
 from .probes import Reinit, Rerandomize
 from .results import ROW_COLUMNS, VALUE_COLUMNS, CriticalityResult
 
-__all__ = ["GROUPINGS", "builtin_groups", "robustness", "weight_distances"]
+__all__ = ["GROUPINGS", "builtin_groups", "robustness", "spectral_norm", "weight_distances"]
 
 GROUPINGS = ("all-but-first-block-per-stage", "every-second-block")
 _BLOCK = re.compile(r"^layer(\d+)\.(\d+)$")
@@ -152,10 +152,10 @@ def robustness(
     return result
 
 
-def _spectral(delta: torch.Tensor) -> float:
-    if delta.ndim < 2:  # a vector acts as a diagonal operator
-        return float(delta.abs().max())
-    return float(torch.linalg.matrix_norm(delta.reshape(delta.shape[0], -1).double(), ord=2))
+def spectral_norm(t: torch.Tensor) -> float:
+    """Largest singular value of `t` reshaped to (out, rest); a vector acts as a diagonal operator (max |t|)."""
+    t = t.detach().double()
+    return float(t.abs().max()) if t.ndim < 2 else float(torch.linalg.matrix_norm(t.reshape(t.shape[0], -1), ord=2))
 
 
 def weight_distances(
@@ -188,6 +188,6 @@ def weight_distances(
             rows.append({
                 "model": run.path.name, "layer": u.name, "label": u.label, "epoch": e,
                 "l2": float(flat.norm() / math.sqrt(flat.numel())), "linf": float(flat.abs().max()),
-                "spectral": max(_spectral(d) for d in deltas), "n_params": u.n_params,
+                "spectral": max(spectral_norm(d) for d in deltas), "n_params": u.n_params,
             })
     return pd.DataFrame(rows)

@@ -1,0 +1,113 @@
+"""Complexity measures of trained models and how well each ranks their generalization error
+(Chatterji et al. 2020, Table 1 to 3).
+
+Per model (a training run's final checkpoint against its checkpoint 0), over the modules i
+(the probe-able layers; a module's θ is all of its parameters, weight and bias):
+
+| column | measure |
+|---|---|
+| `ge` | generalization error: test − train 0-1 error (the final checkpoint's own metrics) |
+| `log10_pfn` | log10 ∏_i ‖θᶠ_i‖_F (products overflow: kept as log10) |
+| `log10_psn` | log10 ∏_i ‖W_i‖₂, the spectral norm of each module's weight reshaped to (out, rest) |
+| `dti` | distance to initialization Σ_i ‖θᶠ_i − θ⁰_i‖²_F |
+| `nop` | number of parameters of the model |
+| `pac_bayes@ε` | Σ_i ‖θᶠ_i − θ⁰_i‖²_F / σ_i², σ_i the largest feasible σ at α = 1 |
+| `network_criticality@ε` | Σ_i μ_i(ε) |
+
+`rank_measures` gives Kendall's τ and Spearman's ρ (with p-values) of each measure against GE.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+from scipy import stats
+
+from .checkpoints import Run
+from .errors import LayercritError
+from .layers import select_units
+from .modcrit import run_module_criticality
+from .robustness import spectral_norm
+
+__all__ = ["complexity_measures", "rank_measures", "rank_runs"]
+
+
+def complexity_measures(run: Run | str | Path, epsilon: Sequence[float] = (0.1,), progress: bool = False,
+                        **modcrit_settings) -> tuple[dict, pd.DataFrame]:
+    """The measures of one run's final model; also the per-module criticality table behind them.
+
+    Args:
+        run: a checkpoint folder written by `layercrit train` (with held-out test metrics).
+        epsilon: error thresholds for the PAC-Bayes and network-criticality measures.
+        progress: show progress bars.
+        **modcrit_settings: further `ModcritConfig` fields (alphas, noise_draws, train_subset, ...).
+    """
+    run = run if isinstance(run, Run) else Run(run)
+    metrics = run.checkpoint(run.final_epoch).get("metrics") or {}
+    if "test_error" not in metrics:
+        raise LayercritError(f"the final checkpoint of {str(run.path)!r} has no test error: train it with --test-data")
+    model, theta0 = run.model(), run.state_dict(0)
+    units = select_units(model, layers=modcrit_settings.get("layers"), include_norm=modcrit_settings.get("include_norm", False))
+    params = dict(model.named_parameters())
+    log_pfn = log_psn = dti = 0.0
+    for u in units:
+        log_pfn += math.log10(math.sqrt(sum(float(params[p].detach().double().pow(2).sum()) for p in u.params)))
+        weight = max((params[p] for p in u.params), key=lambda t: (t.ndim, t.numel()))
+        log_psn += math.log10(spectral_norm(weight))
+        dti += sum(float((params[p].detach().double() - theta0[p].double()).pow(2).sum()) for p in u.params)
+    row = {
+        "model": run.path.name,
+        "train_error": metrics["train_error"],
+        "test_error": metrics["test_error"],
+        "ge": metrics["test_error"] - metrics["train_error"],
+        "log10_pfn": log_pfn,
+        "log10_psn": log_psn,
+        "dti": dti,
+        "nop": sum(p.numel() for p in model.parameters()),
+    }
+    result = run_module_criticality(run, epsilon=list(epsilon), progress=progress, **modcrit_settings)
+    for _, n in result.network.iterrows():
+        row[f"pac_bayes@{n['epsilon']:g}"] = n["pac_bayes"]
+        row[f"network_criticality@{n['epsilon']:g}"] = n["network_criticality"]
+    row["evaluations"] = result.evaluations
+    return row, result.table
+
+
+def rank_measures(models: pd.DataFrame, against: str = "ge") -> pd.DataFrame:
+    """Kendall's τ and Spearman's ρ (with p-values) of every measure column against `against`.
+
+    A measure that is NaN for some model is ranked over the models where it is defined (`n` says how many).
+    """
+    skip = {"model", against, "train_error", "test_error", "evaluations"}
+    rows = []
+    for col in [c for c in models.columns if c not in skip and pd.api.types.is_numeric_dtype(models[c])]:
+        d = models[[col, against]].dropna()
+        n = len(d)
+        if n >= 2 and d[col].nunique() > 1 and d[against].nunique() > 1:
+            tau, tau_p = stats.kendalltau(d[col], d[against])
+            rho, rho_p = stats.spearmanr(d[col], d[against])
+        else:  # a constant measure carries no ranking
+            tau = tau_p = rho = rho_p = math.nan
+        rows.append({"measure": col, "against": against, "n": n, "kendall_tau": float(tau), "kendall_p": float(tau_p),
+                     "spearman_rho": float(rho), "spearman_p": float(rho_p)})
+    return pd.DataFrame(rows)
+
+
+def rank_runs(runs: Sequence[Run | str | Path], epsilon: Sequence[float] = (0.1,), progress: bool = False,
+              **modcrit_settings) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Measures of every run and their rank correlation with the generalization error.
+
+    Returns:
+        (one row of measures per model, one row per measure with Kendall's τ and Spearman's ρ).
+    """
+    if len(runs) < 2:
+        raise LayercritError(f"ranking needs at least two checkpoint folders, got {len(runs)}")
+    rows = [complexity_measures(r, epsilon, progress=progress, **modcrit_settings)[0] for r in runs]
+    names = [r["model"] for r in rows]
+    if len(set(names)) != len(names):
+        raise LayercritError(f"checkpoint folders must have distinct names, got {names}")
+    models = pd.DataFrame(rows)
+    return models, rank_measures(models)
