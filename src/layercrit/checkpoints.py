@@ -220,3 +220,26 @@ def _plain(obj):
     import json
 
     return json.loads(json.dumps(obj))
+
+
+def build_model(spec: str, weights: str | Path | None = None, model_args: Mapping | None = None, data=None):
+    """A model from a spec, with weights: `(model, factory)`; the factory is its init source.
+
+    Built-in models are sized by `data` (classes, input shape) unless `model_args` say otherwise;
+    a layercrit checkpoint of the same spec supplies its constructor arguments. The untrained model
+    is built under seed 0, so a model without weights is reproducible.
+    """
+    from .models import factory_for_data
+
+    kwargs = dict(model_args or {})
+    ckpt = load_checkpoint(weights) if weights else None
+    info = (ckpt or {}).get("model") or {}
+    if info.get("spec") == spec and not kwargs:
+        kwargs = dict(info.get("kwargs") or {})
+    factory = factory_for_data(spec, kwargs, getattr(data, "num_classes", None), getattr(data, "input_shape", None))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = factory()
+    if ckpt is not None:
+        apply_weights(model, ckpt["state_dict"], f"weights in {str(weights)!r}")
+    return model, factory

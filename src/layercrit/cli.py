@@ -19,13 +19,13 @@ from pathlib import Path
 import pandas as pd
 
 from . import __version__
-from .checkpoints import apply_weights, load_checkpoint, load_state_dict
+from .checkpoints import build_model, load_state_dict
 from .criticality import measure
 from .data import Dataset, load_data
 from .errors import LayercritError
 from .io import check_output_path
 from .layers import list_layers
-from .models import ModelFactory, factory_for_data
+from .models import ModelFactory
 from .probes import list_probes
 from .results import UNMODIFIED, CriticalityResult, save_table
 
@@ -79,24 +79,7 @@ def _add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
 
 
 def _load_model(args, data: Dataset | None) -> tuple[object, ModelFactory]:
-    kwargs = dict(args.model_arg)
-    ckpt = None
-    if getattr(args, "weights", None):
-        ckpt = load_checkpoint(args.weights)
-        info = ckpt.get("model") or {}
-        if info.get("spec") == args.model and not kwargs:
-            kwargs = dict(info.get("kwargs") or {})
-    factory = factory_for_data(args.model, kwargs, data.num_classes if data else None, data.input_shape if data else None)
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = factory()
-    if ckpt is not None:
-        from .checkpoints import strip_wrappers
-
-        apply_weights(model, strip_wrappers(ckpt["state_dict"]), f"weights in {args.weights!r}")
-    return model, factory
+    return build_model(args.model, getattr(args, "weights", None), dict(args.model_arg), data)
 
 
 def _bar(value: float, width: int = 20) -> str:
@@ -144,6 +127,7 @@ def cmd_layers(args) -> int:
 def cmd_measure(args) -> int:
     if args.out is not None:
         check_output_path(args.out, (".csv", ".json"))
+    args.probe = args.probe or ["rerandomize"]
     if "reinit" in args.probe and not args.reference:
         raise LayercritError("--probe reinit needs --reference FILE (a state dict or checkpoint, e.g. checkpoint 0)")
     data = load_data(args.data)
@@ -271,6 +255,50 @@ def cmd_rank(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import sweep
+
+    report = sweep(args.zoo, args.store, backend=args.backend, address=args.address, workers=args.workers,
+                   chunk_layers=args.chunk_layers, progress=not args.quiet)
+    rate = report.added / report.elapsed if report.elapsed else 0.0
+    print(f"{report.done_before + report.added}/{report.total_units} units in {args.store} "
+          f"({report.added} new in {report.items} work items, {report.elapsed:.1f}s, {rate:.2f} units/s; "
+          f"store writes {report.store_seconds:.3f}s of {report.compute_seconds:.1f}s compute)")
+    for failure in report.failures:
+        print(f"layercrit: error: {failure}", file=sys.stderr)
+    return 1 if report.failures else 0
+
+
+def cmd_import_reference(args) -> int:
+    from .reference import import_reference
+    from .store import Store
+
+    with Store(args.store) as store:
+        added = import_reference(args.results, args.metadata, store)
+        print(f"imported {added} rows into {args.store} ({store.count()} in all)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+    from .store import Store
+
+    with Store(args.store, create=False) as store:
+        print(f"wrote {export(store, args.format, args.out, probe=args.probe)}")
+    return 0
+
+
+def cmd_summarize(args) -> int:
+    from .compare import format_comparison, summarize
+    from .store import Store
+
+    with Store(args.store, create=False) as store:
+        c = summarize(store, probe=args.probe, target=args.target, by=args.by, exclude_categories=args.exclude_category,
+                      baseline=args.baseline)
+    print(json.dumps(c.to_json(), indent=2, allow_nan=False) if args.format == "json" else format_comparison(c))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -378,6 +406,40 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true")
         p.set_defaults(fn=cmd_modcrit if name == "modcrit" else cmd_rank)
 
+    p = sub.add_parser("sweep", help="measure every model of a zoo file into a results store (resumable)")
+    p.add_argument("zoo", type=Path, metavar="ZOO.toml")
+    p.add_argument("--store", type=Path, required=True, metavar="FILE", help="SQLite results store (created if missing)")
+    p.add_argument("--backend", default="local", choices=["local", "ray"])
+    p.add_argument("--address", help="Ray cluster to join (default: start a local Ray)")
+    p.add_argument("--workers", type=int, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--chunk-layers", type=int, metavar="N", help="layers per work item (default: all of a trial)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("import-reference", help="import results of the Gavrikov et al. reference implementation")
+    p.add_argument("results", type=Path, metavar="results.csv")
+    p.add_argument("--metadata", type=Path, required=True, metavar="models.csv", help="model_id, category, accuracy, …")
+    p.add_argument("--store", type=Path, required=True, metavar="FILE")
+    p.set_defaults(fn=cmd_import_reference)
+
+    p = sub.add_parser("export", help="write a results store as one tidy table")
+    p.add_argument("--store", type=Path, required=True, metavar="FILE")
+    p.add_argument("--format", default="csv", choices=["csv", "parquet"])
+    p.add_argument("--out", type=Path, required=True, metavar="PATH")
+    p.add_argument("--probe", help="only this probe's rows")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("summarize", help="cross-model analysis of a results store")
+    p.add_argument("--store", type=Path, required=True, metavar="FILE")
+    p.add_argument("--by", nargs="+", default=["accuracy"], metavar="COLUMN",
+                   help="metadata columns to correlate with average criticality (default accuracy; base_accuracy = measured)")
+    p.add_argument("--exclude-category", nargs="+", default=[], metavar="NAME", help="also correlate without these categories")
+    p.add_argument("--baseline", metavar="MODEL", help="difference of every model's criticality to this model's")
+    p.add_argument("--probe", default="rerandomize")
+    p.add_argument("--target", help="the probe's target when it has several (e.g. E0)")
+    p.add_argument("--format", default="table", choices=["table", "json"])
+    p.set_defaults(fn=cmd_summarize)
+
     p = sub.add_parser("demo", help="train an FCN-3x256 on digits and measure its layers")
     p.add_argument("--out", type=_out_path, default=Path("demo-out"), metavar="DIR")
     p.add_argument("--epochs", type=int, default=40)
@@ -392,14 +454,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        if getattr(args, "probe", "absent") is None:
-            args.probe = ["rerandomize"]
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.formatwarning = lambda msg, cat, *a, **k: f"layercrit: warning: {msg}\n"
             return args.fn(args)
     except LayercritError as e:
-        print(f"layercrit: error: {e}", file=sys.stderr)
+        print(f"layercrit: error: {e.message}", file=sys.stderr)
+        for problem in e.problems:
+            print(f"layercrit: error:   - {problem}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("layercrit: interrupted", file=sys.stderr)

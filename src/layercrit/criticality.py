@@ -38,6 +38,8 @@ class MeasureConfig:
     granularity: str = "layer"  # "layer" or "block"
     groups: dict[str, list[str]] | None = None  # joint groups {name: [glob, ...]}, reset together
     label_style: str = "auto"  # "auto", "name", "gavrikov" or "zhang"
+    units: list[str] | None = None  # exact unit names, after the selection (a sweep's layer chunk)
+    trial_ids: list[int] | None = None  # run only these trials of random probes (default: 0..trials-1)
     batch_size: int = 256
     executor: str = "full"  # how probed models run (see engine.EXECUTORS)
     device: str | None = None  # default: the model's device
@@ -134,6 +136,11 @@ def measure(
         groups=config.groups,
         label_style=config.label_style,
     )
+    if config.units is not None:
+        wanted = set(config.units)
+        units = [u for u in units if u.name in wanted]
+        if len(units) != len(wanted):
+            raise LayercritError(f"unknown units {sorted(wanted - {u.name for u in units})}")
     probe_objs = build_probes(names, factory, reference, reference_name)
     for probe in probe_objs:
         probe.check(model, units)
@@ -142,7 +149,7 @@ def measure(
     for probe in probe_objs:
         target = probe.describe().get("target", "")
         for unit in units:
-            for trial in range(config.trials if probe.random else 1):
+            for trial in (config.trial_ids or range(config.trials)) if probe.random else [0]:
                 seed = derive_seed(config.seed, trial)
                 key = (probe.name, target, unit.name, trial)
                 if key in meta:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = ["LayercritError"]
 
 
@@ -9,5 +11,10 @@ class LayercritError(ValueError):
     """Bad input to a user-facing entry point.
 
     The message is one line saying what is wrong and what would be right; the CLI prints it
-    without a traceback and exits non-zero.
+    without a traceback and exits non-zero. Input with several independent problems (a zoo file)
+    carries them in `problems`, one line each.
     """
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        self.message, self.problems = message, list(problems)
+        super().__init__("\n".join([message, *(f"  - {p}" for p in self.problems)]))

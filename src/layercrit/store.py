@@ -129,9 +129,9 @@ class Store:
     # -- writing -------------------------------------------------------------------------------
 
     def start_run(self, zoo: str, config: Mapping) -> int:
-        from . import __version__
-
         import torch
+
+        from . import __version__
 
         with self.transaction():
             cur = self.db.execute(

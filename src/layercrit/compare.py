@@ -1,0 +1,308 @@
+"""Cross-model analysis of stored results: Gavrikov et al.'s average criticality per model, per layer
+and per training category, the spread over trials, differences to a baseline model, and rank
+correlations of average criticality with model metadata (Spearman's R, Kendall's τ).
+
+All criticalities here are percentages (×100). A model's average criticality is the mean over its
+layers of the mean over trials. The marginal standard deviations (per model over layers, per layer
+over models) are population std (ddof=0) as in the reference notebook's heatmap margins; the spread
+over trials is the sample std (ddof=1), which the paper's Fig. 5 shows under the name "standard
+error", so the real standard error std/√T is given next to it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .errors import LayercritError
+from .results import UNMODIFIED
+from .store import Store
+
+__all__ = ["Comparison", "format_comparison", "summarize"]
+
+BASE_ACCURACY = "base_accuracy"
+_CORRELATION_COLUMNS = ["against", "subset", "n", "spearman_r", "spearman_p", "kendall_tau", "kendall_p"]
+
+
+@dataclass
+class Comparison:
+    """Result of `summarize`: tidy tables, criticalities in %.
+
+    Attributes:
+        models: per model: model, category, avg_criticality, std_criticality (over layers), n_layers,
+            trials (most trials of any layer), the `by` metadata columns and base_accuracy (fraction).
+        layers: per layer label: mean and std across models of the per-model mean, n_models.
+        categories: per category: avg_criticality (mean over its models), n_models.
+        category_layers: per (category, label): mean criticality, n_models.
+        spread: per (model, layer): trials, mean, std over trials (ddof=1) and sem = std/√T.
+        correlations: per (`by` column, subset): n, spearman_r, spearman_p, kendall_tau, kendall_p.
+        baseline_diff: per (model, layer) of every non-baseline model: its mean minus the baseline's.
+        probe: the probe summarized.
+        baseline: the baseline model id, if any.
+    """
+
+    models: pd.DataFrame
+    layers: pd.DataFrame
+    categories: pd.DataFrame
+    category_layers: pd.DataFrame
+    spread: pd.DataFrame
+    correlations: pd.DataFrame
+    baseline_diff: pd.DataFrame = field(default_factory=pd.DataFrame)
+    probe: str = "rerandomize"
+    baseline: str | None = None
+
+    def to_json(self) -> dict:
+        """Plain-JSON document: one list of records per table (NaN becomes null)."""
+        return {name: _records(getattr(self, name))
+                for name in ("models", "layers", "categories", "spread", "correlations", "baseline_diff")}
+
+
+def _plain(v):
+    """A JSON-ready scalar: numpy scalars as Python values, NaN/NA as None."""
+    if v is None or v is pd.NA or v is pd.NaT:
+        return None
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _records(df: pd.DataFrame) -> list[dict]:
+    # Not DataFrame.to_json: it rounds floats to 10 digits.
+    return [{k: _plain(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
+
+
+def _as_tuple(v: str | Sequence[str] | None) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    return (v,) if isinstance(v, str) else tuple(v)
+
+
+def _listing(values, limit: int = 12) -> str:
+    values = [str(v) for v in values]
+    if not values:
+        return "(none)"
+    return ", ".join(values[:limit]) + (f", … ({len(values)} in all)" if len(values) > limit else "")
+
+
+def _load(source: Store | pd.DataFrame, models: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """(results, per-model metadata, where the results come from)."""
+    if isinstance(source, Store):
+        return source.results(), source.models() if models is None else models, f"results store {str(source.path)!r}"
+    if not isinstance(source, pd.DataFrame):
+        raise LayercritError(f"Expected a Store or a results DataFrame to summarize, got {type(source).__name__}")
+    missing = [c for c in ("model", "layer", "probe", "criticality") if c not in source.columns]
+    if missing:
+        raise LayercritError(f"results table lacks columns {', '.join(missing)}; columns present: {_listing(source.columns)}")
+    if models is None:
+        # A table exported with `layercrit export` carries each model's category.
+        cols = ["model", "category"] if "category" in source.columns else ["model"]
+        models = source[cols].drop_duplicates("model")
+    return source, models, "the results table"
+
+
+def _select(table: pd.DataFrame, probe: str, target: str | None, where: str) -> pd.DataFrame:
+    """The probe's layer rows, checked to hold one target and each unit once."""
+    rows = table[(table["probe"] == probe) & (table["layer"] != UNMODIFIED)].copy()
+    if rows.empty:
+        present = sorted({str(p) for p in table["probe"].dropna()} - {"none"})
+        raise LayercritError(f"no results for probe {probe!r} in {where}; probes present: {_listing(present)}")
+    if "target" in rows.columns:
+        targets = list(dict.fromkeys(rows["target"].fillna("")))
+        if target is not None:
+            if target not in targets:
+                raise LayercritError(f"no results for probe {probe!r} with target {target!r} in {where}; "
+                                     f"targets present: {_listing(targets)}")
+            rows = rows[rows["target"].fillna("") == target]
+        elif len(targets) > 1:
+            # Averaging, say, a reset to epoch 0 with one to epoch 10 would mean nothing.
+            raise LayercritError(f"probe {probe!r} has {len(targets)} targets in {where} ({_listing(targets)}); "
+                                 f"choose one with target=")
+    if "trial" not in rows.columns:
+        rows["trial"] = rows.groupby(["model", "layer"], sort=False).cumcount()
+    unit = ["model", "layer", "trial"]
+    dup = rows.duplicated(unit, keep=False)
+    if dup.any():
+        # Within one configuration the store's key forbids this, so it means several configurations.
+        first = rows[dup].iloc[0]
+        same = rows[dup & (rows["model"] == first["model"])]
+        configs = same["config_hash"].dropna().unique() if "config_hash" in same.columns else []
+        how = f" (configurations {_listing(configs)})" if len(configs) else ""
+        raise LayercritError(f"model {first['model']!r} has {len(same)} rows for repeated units, e.g. layer "
+                             f"{first['layer']!r} trial {first['trial']}{how}; summarize one configuration at a time")
+    rows["label"] = rows["label"].fillna(rows["layer"]) if "label" in rows.columns else rows["layer"]
+    return rows
+
+
+def _metadata(meta: pd.DataFrame, model_ids: list[str], by: tuple[str, ...], base_acc: pd.Series) -> pd.DataFrame:
+    """Per model (in `model_ids` order): category and the numeric `by` columns."""
+    if "model" not in meta.columns:
+        raise LayercritError(f"model metadata lacks a 'model' column; columns present: {_listing(meta.columns)}")
+    meta = meta.drop_duplicates("model").set_index("model")
+    out = pd.DataFrame(index=pd.Index(model_ids, name="model"))
+    out["category"] = meta["category"].reindex(model_ids).astype(object) if "category" in meta.columns else None
+    for col in by:
+        if col == BASE_ACCURACY:
+            continue
+        if col not in meta.columns:
+            present = [c for c in meta.columns if c != "category"]
+            raise LayercritError(f"`by` column {col!r} is not in the model metadata; columns present: "
+                                 f"{_listing(present)} (and {BASE_ACCURACY}, measured)")
+        raw = meta[col].reindex(model_ids)
+        values = pd.to_numeric(raw, errors="coerce")
+        bad = raw.notna() & values.isna()
+        if bad.any():
+            raise LayercritError(f"`by` column {col!r} must be numeric, but model {bad.idxmax()!r} has "
+                                 f"{raw[bad.idxmax()]!r}")
+        out[col] = values.astype(float)
+    out[BASE_ACCURACY] = base_acc.reindex(model_ids).astype(float)
+    return out.reset_index()
+
+
+def _correlate(x: np.ndarray, y: np.ndarray) -> dict:
+    from scipy import stats  # deferred: scipy.stats costs a second at import
+
+    keep = ~(np.isnan(x) | np.isnan(y))
+    x, y = x[keep], y[keep]
+    out = {"n": int(len(x)), "spearman_r": math.nan, "spearman_p": math.nan, "kendall_tau": math.nan, "kendall_p": math.nan}
+    # A rank correlation of fewer than 3 points, or with a constant, is undefined; scipy would warn.
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return out
+    s, k = stats.spearmanr(x, y), stats.kendalltau(x, y)
+    return out | {"spearman_r": float(s.statistic), "spearman_p": float(s.pvalue),
+                  "kendall_tau": float(k.statistic), "kendall_p": float(k.pvalue)}
+
+
+def summarize(
+    store_or_table: Store | pd.DataFrame,
+    models: pd.DataFrame | None = None,
+    *,
+    probe: str = "rerandomize",
+    target: str | None = None,
+    by: str | Sequence[str] = ("accuracy",),
+    exclude_categories: str | Sequence[str] = (),
+    baseline: str | None = None,
+) -> Comparison:
+    """Compare the layer criticality of several models.
+
+    Args:
+        store_or_table: a results `Store`, or a tidy results DataFrame (one row per unit).
+        models: per-model metadata with columns `model`, `category`, …; default: the store's models
+            (for a table: its `category` column, if any).
+        probe: the probe whose results are compared.
+        target: the probe's target, needed when its results hold several (reinit to several epochs).
+        by: numeric metadata columns to correlate average criticality with (`base_accuracy` is the
+            measured accuracy of the unmodified model).
+        exclude_categories: categories left out of extra correlation subsets, one subset per
+            category and, for several, one without all of them (the paper: without adversarial).
+        baseline: model id whose per-layer criticality is subtracted from every other model's.
+
+    Returns:
+        A `Comparison` of tidy tables.
+    """
+    by, exclude = _as_tuple(by), _as_tuple(exclude_categories)
+    table, meta, where = _load(store_or_table, models)
+    rows = _select(table, probe, target, where)
+    base_rows = table[table["layer"] == UNMODIFIED]
+    base_acc = (base_rows.groupby("model")["accuracy"].mean() if "accuracy" in base_rows.columns
+                else pd.Series(dtype=float))
+
+    # Per (model, layer): statistics over trials, in first-seen order.
+    crit = rows.assign(criticality=pd.to_numeric(rows["criticality"], errors="coerce") * 100)
+    g = crit.groupby(["model", "layer"], sort=False)
+    cell = g.agg(label=("label", "first"), trials=("criticality", "count"), mean=("criticality", "mean"),
+                 std=("criticality", "std")).reset_index()
+    cell["sem"] = cell["std"] / np.sqrt(cell["trials"].where(cell["trials"] > 0))
+    model_ids = list(dict.fromkeys(cell["model"]))
+    info = _metadata(meta, model_ids, by, base_acc)
+    category = dict(zip(info["model"], info["category"]))
+    cell.insert(1, "category", cell["model"].map(category).astype(object))
+
+    per_model = cell.groupby("model", sort=False).agg(
+        avg_criticality=("mean", "mean"), std_criticality=("mean", lambda s: s.std(ddof=0)),
+        n_layers=("mean", "count"), trials=("trials", "max"),
+    ).reset_index()
+    summary = info[["model", "category"]].merge(per_model, on="model")
+    summary = summary.merge(info[["model", *[c for c in by if c != BASE_ACCURACY], BASE_ACCURACY]], on="model")
+
+    layers = cell.groupby("label", sort=False)["mean"].agg(
+        mean="mean", std=lambda s: s.std(ddof=0), n_models="count").reset_index()
+    cats = summary.groupby("category", sort=False, dropna=False).agg(
+        avg_criticality=("avg_criticality", "mean"), n_models=("model", "count")).reset_index()
+    cat_layers = cell.groupby(["category", "label"], sort=False, dropna=False).agg(
+        mean=("mean", "mean"), n_models=("model", "count")).reset_index()
+
+    present = [c for c in dict.fromkeys(summary["category"]) if isinstance(c, str)]
+    unknown = [c for c in exclude if c not in present]
+    if unknown:
+        raise LayercritError(f"unknown categories to exclude: {', '.join(map(repr, unknown))}; "
+                             f"categories present: {_listing(present)}")
+    subsets = [("all", summary)] + [(f"excluding {c}", summary[summary["category"] != c]) for c in exclude]
+    if len(exclude) > 1:
+        subsets.append((f"excluding {', '.join(exclude)}", summary[~summary["category"].isin(exclude)]))
+    corr = pd.DataFrame(
+        [{"against": col, "subset": name,
+          **_correlate(sub["avg_criticality"].to_numpy(float), sub[col].to_numpy(float))}
+         for col in by for name, sub in subsets],
+        columns=_CORRELATION_COLUMNS,
+    )
+
+    diff = pd.DataFrame(columns=["model", "category", "layer", "label", "criticality", "baseline_criticality", "diff"])
+    if baseline is not None:
+        if baseline not in model_ids:
+            raise LayercritError(f"baseline model {baseline!r} has no results for probe {probe!r} in {where}; "
+                                 f"models present: {_listing(model_ids)}")
+        # Matched on the label, so results of the same architecture under other module prefixes line up.
+        ref = cell.loc[cell["model"] == baseline, ["label", "mean"]].rename(columns={"mean": "baseline_criticality"})
+        diff = cell[cell["model"] != baseline].merge(ref, on="label", how="inner")
+        diff = diff.rename(columns={"mean": "criticality"})
+        diff["diff"] = diff["criticality"] - diff["baseline_criticality"]
+        diff = diff[["model", "category", "layer", "label", "criticality", "baseline_criticality", "diff"]]
+
+    spread = cell[["model", "category", "layer", "label", "trials", "mean", "std", "sem"]]
+    return Comparison(models=summary, layers=layers, categories=cats, category_layers=cat_layers, spread=spread,
+                      correlations=corr, baseline_diff=diff.reset_index(drop=True), probe=probe, baseline=baseline)
+
+
+def _fmt(v, spec: str = ".1f") -> str:
+    v = _plain(v)
+    return "—" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def format_comparison(c: Comparison) -> str:
+    """Readable text: per-model table (by category, then criticality), per-layer mean ± std, category
+    means and correlations."""
+    out = [f"Layer criticality under probe {c.probe!r}: {len(c.models)} models, {len(c.layers)} layers (%)", ""]
+    m = c.models.assign(_cat=c.models["category"].fillna("")).sort_values(
+        ["_cat", "avg_criticality"], kind="stable").drop(columns="_cat")
+    shown = pd.DataFrame({
+        "category": m["category"].map(_fmt), "model": m["model"],
+        "avg": m["avg_criticality"].map(_fmt), "std": m["std_criticality"].map(_fmt),
+        "layers": m["n_layers"], "trials": m["trials"],
+        **{col: m[col].map(lambda v: _fmt(v, ".4g")) for col in m.columns[6:]},
+    })
+    out += ["Models (mean over layers of the mean over trials; std over layers):", shown.to_string(index=False), ""]
+    width = max((len(str(s)) for s in c.layers["label"]), default=0)
+    out.append("Layers (mean ± std across models):")
+    out += [f"  {str(r.label):<{width}}  {_fmt(r.mean):>5} ± {_fmt(r.std):<5} ({r.n_models} models)"
+            for r in c.layers.itertuples()]
+    out += ["", "Categories (mean average criticality):"]
+    out += [f"  {_fmt(r.category):<20} {_fmt(r.avg_criticality):>5}  ({r.n_models} models)"
+            for r in c.categories.sort_values("category", na_position="last").itertuples()]
+    if len(c.correlations):
+        w_against = max(len(str(a)) for a in c.correlations["against"])
+        w_subset = max(len(str(a)) for a in c.correlations["subset"])
+        out += ["", "Rank correlation of average criticality with:"]
+        out += [f"  {r.against:<{w_against}}  {r.subset:<{w_subset}}  n={r.n:<3} Spearman R={_fmt(r.spearman_r, '+.2f')} "
+                f"(p={_fmt(r.spearman_p, '.3g')})  Kendall τ={_fmt(r.kendall_tau, '+.2f')} (p={_fmt(r.kendall_p, '.3g')})"
+                for r in c.correlations.itertuples()]
+    if c.baseline is not None and len(c.baseline_diff):
+        d = c.baseline_diff.groupby("model", sort=False)["diff"].mean()
+        out += ["", f"Mean difference to baseline {c.baseline!r} over shared layers:"]
+        out += [f"  {model:<30} {_fmt(v, '+.1f')}" for model, v in d.items()]
+    return "\n".join(out)

@@ -1,0 +1,272 @@
+"""Sweeps over a model zoo: plan the missing work, run it locally or on Ray, store every result.
+
+A *unit* is one (model, layer, probe, trial); a *work item* is one (model, probe, trial) and a
+chunk of its layers, evaluated in one pass over the data. The driver plans the items that still
+have units missing from the store (so a re-run does only what is missing), runs them, and commits
+each item's rows as soon as it finishes: only the driver writes the store.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoints import build_model
+from .criticality import measure
+from .data import Dataset, load_data
+from .errors import LayercritError
+from .layers import select_units
+from .probes import PROBES, Probe
+from .results import UNMODIFIED
+from .store import Store
+from .zoo import Zoo, ZooEntry, load_zoo
+
+__all__ = ["SweepReport", "WorkItem", "plan", "run_item", "sweep"]
+
+
+@dataclass
+class WorkItem:
+    """One pass over the data: `units` of model `model` under `probe`, for `trials`."""
+
+    model: str
+    probe: str
+    trials: list[int]
+    units: list[str]
+    config_hash: str
+
+    @property
+    def size(self) -> int:
+        return len(self.units) * len(self.trials)
+
+
+@dataclass
+class SweepReport:
+    total_units: int
+    done_before: int
+    added: int = 0
+    items: int = 0
+    failures: list[str] = field(default_factory=list)
+    compute_seconds: float = 0.0
+    store_seconds: float = 0.0
+    elapsed: float = 0.0
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: str | None) -> str | None:
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(spec: str, images: int | None, data_seed: int) -> Dataset:
+    """Evaluation data, loaded once per process (Ray workers reuse their process)."""
+    return load_data(spec).subset(images, data_seed)
+
+
+def _data_of(entry: ZooEntry) -> Dataset:
+    s = entry.settings
+    return _dataset(s["data"], s.get("images"), s.get("data_seed", 0))
+
+
+def config_hash(entry: ZooEntry, probe: str, data: Dataset) -> str:
+    """What a unit's value depends on besides (layer, trial): a stored unit is reused only under the same."""
+    s = entry.settings
+    key = {
+        "factory": entry.factory, "weights": _digest(entry.weights), "model_args": s.get("model_args", {}),
+        "data_identity": data.identity, "probe": probe, "seed": s.get("seed", 0),
+        "reference": _digest(s.get("reference")) if probe == "reinit" else None,
+        "include_norm": s.get("include_norm", False), "granularity": s.get("granularity", "layer"),
+        "label_style": s.get("label_style", "auto"),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _probe_is_random(name: str) -> bool:
+    cls = PROBES.get(name)
+    return bool(getattr(cls, "random", False)) if isinstance(cls, type) and issubclass(cls, Probe) else True
+
+
+def plan(zoo: Zoo, store: Store, chunk_layers: int | None = None) -> tuple[list[WorkItem], int, int]:
+    """The work items with units still missing from `store`; also (total units, units already done).
+
+    Builds each model once (untrained) to list its units, and loads each data spec once.
+    """
+    items: list[WorkItem] = []
+    total = done = 0
+    for entry in zoo.entries:
+        s = entry.settings
+        data = _data_of(entry)
+        model, _ = build_model(entry.factory, None, s.get("model_args"), data)
+        units = [u.name for u in select_units(model, layers=s.get("layers"), include_norm=s.get("include_norm", False),
+                                              granularity=s.get("granularity", "layer"),
+                                              label_style=s.get("label_style", "auto"))]
+        for probe in s["probes"]:
+            h = config_hash(entry, probe, data)
+            present = store.done_units(entry.id, h)
+            trials = list(range(s.get("trials", 3))) if _probe_is_random(probe) else [0]
+            target = "reference" if probe == "reinit" else probe
+            total += 1 + len(units) * len(trials)
+            done += ((UNMODIFIED, "none", "", 0) in present) + sum(
+                (u, probe, target, t) in present for u in units for t in trials)
+            for t in trials:
+                missing = [u for u in units if (u, probe, target, t) not in present]
+                if not missing and (UNMODIFIED, "none", "", 0) in present:
+                    continue
+                step = chunk_layers or len(missing) or 1
+                for i in range(0, max(len(missing), 1), step):
+                    items.append(WorkItem(entry.id, probe, [t], missing[i : i + step], h))
+    return items, total, done
+
+
+def run_item(entry: ZooEntry, item: WorkItem, device: str | None = None, threads: int | None = None) -> list[dict]:
+    """Evaluate one work item; returns its result rows (the unmodified model's row included)."""
+    if threads:
+        torch.set_num_threads(threads)
+    s = entry.settings
+    data = _data_of(entry)
+    model, factory = build_model(entry.factory, entry.weights, s.get("model_args"), data)
+    reference = None
+    if item.probe == "reinit":
+        from .checkpoints import load_state_dict
+
+        reference = load_state_dict(s["reference"])
+    device = device or ("cuda" if torch.cuda.is_available() else None)
+    result = measure(
+        model, data, factory=factory, reference=reference, model_name=entry.id, probes=[item.probe],
+        trials=max(item.trials) + 1, trial_ids=item.trials, seed=s.get("seed", 0), layers=s.get("layers"),
+        units=item.units, include_norm=s.get("include_norm", False), granularity=s.get("granularity", "layer"),
+        label_style=s.get("label_style", "auto"), batch_size=s.get("batch_size", 256), device=device,
+    )
+    table = result.table.astype(object).where(result.table.notna(), None)
+    rows = table.to_dict("records")
+    for r in rows:
+        r["data_identity"] = result.config["data_identity"]
+    return rows
+
+
+def sweep(
+    zoo: str | Path | Zoo,
+    store: str | Path | Store,
+    *,
+    backend: str = "local",
+    address: str | None = None,
+    workers: int | None = None,
+    chunk_layers: int | None = None,
+    progress: bool = True,
+) -> SweepReport:
+    """Run every missing unit of a zoo into a results store.
+
+    Args:
+        zoo: a zoo file (validated before any compute) or a loaded `Zoo`.
+        store: the results store (created if missing).
+        backend: "local" (in this process) or "ray" (a local Ray instance when `address` is None,
+            else the cluster at `address`).
+        address: Ray cluster address (e.g. "auto" or "ray://host:10001").
+        workers: CPUs of the local Ray instance (default: all).
+        chunk_layers: layers per work item (default: all layers of a (model, probe, trial)).
+        progress: show units done / total, rate and ETA.
+    """
+    if backend not in ("local", "ray"):
+        raise LayercritError(f"Expected `backend` to be 'local' or 'ray', got {backend!r}")
+    if workers is not None and workers < 1:
+        raise LayercritError(f"Expected `workers` to be a positive integer, got {workers!r}")
+    if chunk_layers is not None and chunk_layers < 1:
+        raise LayercritError(f"Expected `chunk_layers` to be a positive integer, got {chunk_layers!r}")
+    zoo = zoo if isinstance(zoo, Zoo) else load_zoo(zoo)
+    own_store = not isinstance(store, Store)
+    store = Store(store) if own_store else store
+    t0 = time.perf_counter()
+    try:
+        items, total, done = plan(zoo, store, chunk_layers)
+        report = SweepReport(total, done)
+        entries = {e.id: e for e in zoo.entries}
+        for e in zoo.entries:
+            data = _data_of(e)
+            store.put_model(e.id, e.category, e.metadata, spec=e.factory, weights=e.weights, config=e.settings,
+                            data=e.settings["data"], data_identity=data.identity, n=len(data))
+        run_id = store.start_run(str(zoo.path), zoo.to_dict() | {"backend": backend, "chunk_layers": chunk_layers})
+        bar = tqdm(total=total, initial=done, desc="sweep", unit="unit", disable=not progress, smoothing=0.1)
+
+        def commit(item: WorkItem, rows: list[dict], seconds: float) -> None:
+            t = time.perf_counter()
+            added = store.add_results(rows, item.config_hash, run_id)
+            report.store_seconds += time.perf_counter() - t
+            report.compute_seconds += seconds
+            report.added += added
+            report.items += 1
+            bar.update(added)  # units newly stored (an item's unmodified row counts once per model and probe)
+
+        try:
+            if backend == "local":
+                for item in items:
+                    t = time.perf_counter()
+                    try:
+                        rows = run_item(entries[item.model], item)
+                    except LayercritError as e:
+                        report.failures.append(f"model {item.model!r}: {e}")
+                        continue
+                    commit(item, rows, time.perf_counter() - t)
+            else:
+                _run_ray(items, entries, commit, report, address, workers)
+        finally:
+            bar.close()
+            store.finish_run(run_id)
+        report.elapsed = time.perf_counter() - t0
+        return report
+    finally:
+        if own_store:
+            store.close()
+
+
+def _timed_item(entry: ZooEntry, item: WorkItem, threads: int | None) -> tuple[list[dict], float]:
+    t = time.perf_counter()
+    return run_item(entry, item, threads=threads), time.perf_counter() - t
+
+
+def _run_ray(items: Sequence[WorkItem], entries: dict, commit, report: SweepReport, address: str | None,
+             workers: int | None) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise LayercritError("the ray backend needs Ray: pip install 'layercrit[ray]'") from None
+    started = not ray.is_initialized()
+    if started:
+        kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+        try:
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                ray.init(num_cpus=workers, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise LayercritError(f"cannot start or join Ray{f' at {address!r}' if address else ''}: {e}") from None
+    try:
+        gpus = 1 if torch.cuda.is_available() else 0
+        # One CPU (and GPU, where there is one) per task; a task whose worker dies is retried.
+        task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=3)(_timed_item)
+        pending = {task.remote(entries[i.model], i, None if gpus else 1): i for i in items}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            item = pending.pop(ready[0])
+            try:
+                rows, seconds = ray.get(ready[0])
+            except Exception as e:  # the task's own error, wrapped by Ray
+                cause = getattr(e, "cause", None)
+                report.failures.append(f"model {item.model!r}: {cause if isinstance(cause, LayercritError) else e}")
+                continue
+            commit(item, rows, seconds)
+    finally:
+        if started:
+            ray.shutdown()
