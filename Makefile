@@ -8,9 +8,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.layercrit-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup browser demo test lint bench clean
 
 setup: $(STAMP)
+
+# Debian's Chromium for the report's browser test (skipped, with a reason, where it cannot be installed).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium could not be installed: the browser test will be skipped"
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/layercrit demo --out demo-out
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: setup

@@ -18,19 +18,20 @@ from layercrit import TrainConfig, train
 from layercrit.generalization import rank_runs
 from layercrit.modcrit import run_module_criticality
 
-RANK_MODELS = ["fcn-1x256", "fcn-2x256", "fcn-3x256", "fcn-5x256", "fcn-3x64", "fcn-3x1024"]
+RANK_MODELS = ["fcn-1x256", "fcn-2x256", "fcn-3x256", "fcn-5x256", "fcn-3x64", "fcn-3x128"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--only", choices=["single", "rank"], help="run one part only")
     args = ap.parse_args()
     print(machine())
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "fcn-3x256"
         train(TrainConfig(model="fcn-3x256", data="digits:train", epochs=args.epochs), run)
-        for curve in (True, False):
+        for curve in (True, False) if args.only != "rank" else ():
             result = {}
 
             def job(curve=curve, result=result):
@@ -43,6 +44,8 @@ def main() -> None:
                   f"{'whole curve' if curve else 'pruned (--fast)'}: median {med:.1f}s over {len(times)} runs, "
                   f"{evals:,} full-model evaluations ({med / evals * 1000:.2f} ms each)")
             print(r.table[["label", "alpha", "sigma", "mu", "delta_norm"]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        if args.only == "single":
+            return
         runs = []
         (Path(tmp) / "rank").mkdir()
         t0 = time.perf_counter()

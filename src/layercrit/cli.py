@@ -299,6 +299,70 @@ def cmd_summarize(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    path = build_report(args.out, store=args.store, results=args.results, checkpoints=args.checkpoints,
+                        baseline=args.baseline, title=args.title, auxiliary=args.auxiliary, critical=args.critical,
+                        progress=not args.quiet)
+    print(f"report: {path}")
+    return 0
+
+
+# Which table a plot kind reads from a results file, and the sibling file that holds it.
+_PLOT_SIBLING = {"modcrit-curves": ("curve", "alpha"), "network-vs-epsilon": ("network", "epsilon"),
+                 "ranking": ("ranking", "kendall_tau")}
+_STORE_KINDS = {"heatmap", "difference", "spread", "vs-metadata", "vs-accuracy"}
+
+
+def _read_rows(path: Path) -> tuple[pd.DataFrame, dict]:
+    if not path.is_file():
+        raise LayercritError(f"results file {str(path)!r} does not exist")
+    try:
+        if path.suffix.lower() == ".json":
+            doc = json.loads(path.read_text())
+            return pd.DataFrame(doc["rows"] if "rows" in doc else doc.get("modules", [])), doc
+        return pd.read_csv(path), {}
+    except (ValueError, KeyError, OSError) as e:
+        raise LayercritError(f"cannot read results file {str(path)!r}: {e}") from None
+
+
+def cmd_plot(args) -> int:
+    from .plots import PLOTS, save_figure
+
+    out = check_output_path(args.out, (".png", ".svg", ".pdf"))
+    fn = PLOTS[args.kind]
+    if args.store is not None:
+        if args.kind not in _STORE_KINDS:
+            raise LayercritError(f"plot {args.kind!r} reads a results file (--results), not a store; "
+                                 f"store plots: {', '.join(sorted(_STORE_KINDS))}")
+        from .compare import summarize
+        from .store import Store
+
+        with Store(args.store, create=False) as store:
+            meta = store.models()
+            by = [c for c in ("accuracy",) if c in meta.columns and meta[c].notna().sum() >= 3]
+            c = summarize(store, probe=args.probe, by=by, baseline=args.baseline)
+        if args.kind in ("vs-metadata", "vs-accuracy"):
+            fig, _ = fn(c.models, metadata=meta)
+        elif args.kind == "difference":
+            fig, _ = fn(c, args.baseline)
+        else:
+            fig, _ = fn(c, baseline=args.baseline) if args.kind != "heatmap" or args.baseline else fn(c)
+    else:
+        table, doc = _read_rows(args.results)
+        if args.kind in _PLOT_SIBLING:
+            key, column = _PLOT_SIBLING[args.kind]
+            if column not in table.columns:
+                if key in doc:
+                    table = pd.DataFrame(doc[key])
+                else:
+                    table, _ = _read_rows(args.results.with_suffix(f".{key}.csv"))
+        fig, _ = fn(table, args.baseline) if args.kind == "difference" else fn(table)
+    print(f"wrote {save_figure(fig, out)}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -439,6 +503,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="the probe's target when it has several (e.g. E0)")
     p.add_argument("--format", default="table", choices=["table", "json"])
     p.set_defaults(fn=cmd_summarize)
+
+    from .plots import list_plots
+
+    kinds = list_plots()
+    p = sub.add_parser("plot", help="draw one of the papers' figures",
+                       description="Kinds: " + "; ".join(f"{k}: {v}" for k, v in kinds.items()))
+    p.add_argument("kind", choices=list(kinds))
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--store", type=Path, metavar="FILE", help="results store (cross-model plots)")
+    src.add_argument("--results", type=Path, metavar="FILE",
+                     help="a results file of measure, robustness, distances, modcrit or rank")
+    p.add_argument("--out", type=Path, default=Path("figure.png"), metavar="FILE.png|.svg|.pdf")
+    p.add_argument("--baseline", metavar="MODEL", help="baseline model (heatmap order, difference plot)")
+    p.add_argument("--probe", default="rerandomize", help="probe of a store plot")
+    p.set_defaults(fn=cmd_plot)
+
+    p = sub.add_parser("report", help="a self-contained HTML report of results, a store or a training run")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--store", type=Path, metavar="FILE", help="results store (cross-model report)")
+    src.add_argument("--results", type=Path, metavar="FILE", help="results file of `layercrit measure`")
+    src.add_argument("--checkpoints", type=Path, metavar="DIR", help="training run (robustness, distances, module criticality)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--baseline", metavar="MODEL", help="baseline model of a store report")
+    p.add_argument("--title")
+    p.add_argument("--auxiliary", type=float, default=10.0, help="%% below which a layer is called auxiliary (default 10)")
+    p.add_argument("--critical", type=float, default=50.0, help="%% from which a layer is called critical (default 50)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("demo", help="train an FCN-3x256 on digits and measure its layers")
     p.add_argument("--out", type=_out_path, default=Path("demo-out"), metavar="DIR")

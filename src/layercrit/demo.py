@@ -12,6 +12,7 @@ from .data import load_data
 from .errors import LayercritError
 from .models import factory_for_data
 from .plots import criticality_heatmap, save_figure
+from .report import build_report
 from .training import TrainConfig, train
 
 __all__ = ["run_demo"]
@@ -52,5 +53,7 @@ def run_demo(out: str | Path = "demo-out", epochs: int = 40, trials: int = 3, se
     csv = result.save(out / "criticality.csv")
     fig, _ = criticality_heatmap(result.table)
     png = save_figure(fig, out / "criticality.png")
+    report = build_report(out / "report", results=result, title="layercrit demo: FCN-3×256 on digits")
     say(f"wrote {csv}, {png} and checkpoints in {ckpt_dir} ({time.perf_counter() - t0:.1f}s in all)")
-    return {"csv": csv, "png": png, "checkpoints": ckpt_dir, "result": result}
+    print(f"report: {report}  (open it in a browser)")
+    return {"csv": csv, "png": png, "checkpoints": ckpt_dir, "result": result, "report": report}

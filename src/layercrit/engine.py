@@ -80,6 +80,10 @@ class Executor:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
+    def prepare(self, perturbations: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        """Announce the substitutions that `run_many` will get for every batch of the coming pass
+        (so an executor can keep what they need while running the unmodified model)."""
+
     def start_batch(self, x: torch.Tensor) -> torch.Tensor:
         """Run the unmodified model on `x`; return its logits."""
         raise NotImplementedError
@@ -105,16 +109,24 @@ class FullForward(Executor):
 
     name = "full"
 
+    def __init__(self, model: nn.Module, compile: bool = False) -> None:
+        super().__init__(model)
+        # Parameters are written in place, so one compiled graph serves every substitution.
+        self._forward = torch.compile(model) if compile else model
+
     def start_batch(self, x: torch.Tensor) -> torch.Tensor:
         self._x = x
-        return logits_of(self.model(x))
+        return logits_of(self._forward(x))
 
     def run(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
         with substitute(self.model, values):
-            return logits_of(self.model(self._x))
+            return logits_of(self._forward(self._x))
 
     def end_batch(self) -> None:
         self._x = None
+
+
+_AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _first_line(e: BaseException) -> str:
@@ -131,13 +143,24 @@ class Engine:
         labels: (N,) integer labels or None.
         batch_size: samples per batch.
         device: where to compute (default: the model's device).
-        executor: executor name (see `EXECUTORS`).
+        executor: executor name (see `EXECUTORS`; "auto": incremental when the model traces with
+            torch.fx, else the full forward) or an `Executor` built for `model`.
         progress: show a progress bar.
         measures: which measures to compute (default: all; see `measures.MEASURES`).
         values_budget: bytes of substituted parameter values held at once; more perturbations
             than fit are evaluated in several passes over the data (each pass recomputes the
             unmodified outputs, which are identical).
+        autocast: "bf16" or "fp16" to run the model under CUDA autocast (measures stay in fp32 and
+            above); ignored off CUDA, where results are unchanged.
+        channels_last: feed 4-D batches in channels-last layout on CUDA (faster convolutions);
+            ignored elsewhere.
+        compile: `torch.compile` what the executor runs (any device; compiling takes time).
+
+    On CUDA, cuDNN autotuning is switched on and the inputs are moved to the device once when they
+    take at most `RESIDENT_FRACTION` of its free memory (else batch by batch).
     """
+
+    RESIDENT_FRACTION = 0.25  # share of free CUDA memory the inputs may take to stay on the device
 
     def __init__(
         self,
@@ -146,27 +169,50 @@ class Engine:
         labels: torch.Tensor | None = None,
         batch_size: int = 256,
         device: str | torch.device | None = None,
-        executor: str = "full",
+        executor: str | Executor = "auto",
         progress: bool = False,
         values_budget: int = 2 << 30,
         measures: Sequence[str] | None = None,
+        *,
+        autocast: str | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise LayercritError(f"Expected `batch_size` to be a positive integer, got {batch_size!r}")
         if len(inputs) == 0:
             raise LayercritError("no evaluation samples")
+        if autocast not in _AUTOCAST:
+            raise LayercritError(f"Expected `autocast` to be None, 'bf16' or 'fp16', got {autocast!r}")
         self.model = model
         first = next(model.parameters(), None)
         self.device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
         if first is not None and first.device != self.device:
             model.to(self.device)
+        cuda = self.device.type == "cuda"
+        self.autocast = _AUTOCAST[autocast] if cuda else None
+        self.channels_last = channels_last and cuda
+        if cuda:
+            torch.backends.cudnn.benchmark = True  # every batch has the same shapes: let cuDNN pick its fastest kernels
+            inputs, labels = self._resident(inputs, labels)
         self.inputs, self.labels = inputs, labels
         self.batch_size = batch_size
-        self.executor = EXECUTORS.get(executor)(model)
+        if isinstance(executor, Executor):
+            self.executor = executor
+        else:
+            self.executor = EXECUTORS.get(executor)(model, **({"compile": True} if compile else {}))
         self.progress = progress
         self.values_budget = values_budget
         self.measures = measures
         self.num_outputs = self._check_inputs()
+
+    def _resident(self, inputs: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The inputs (and labels) on the CUDA device if they fit its share of free memory, else as given."""
+        size = inputs.numel() * inputs.element_size() + (0 if labels is None else labels.numel() * labels.element_size())
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if size > self.RESIDENT_FRACTION * free:
+            return inputs, labels
+        return inputs.to(self.device), None if labels is None else labels.to(self.device)
 
     def _check_inputs(self) -> int:
         x = self.inputs[:2].to(self.device)
@@ -192,6 +238,8 @@ class Engine:
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         for i in range(0, len(self.inputs), self.batch_size):
             x = self.inputs[i : i + self.batch_size].to(self.device, non_blocking=True)
+            if self.channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             y = None if self.labels is None else self.labels[i : i + self.batch_size].to(self.device)
             yield x, y
 
@@ -207,6 +255,9 @@ class Engine:
             size += n
         if chunk or not perturbations:  # no perturbations: one pass still measures the model itself
             yield chunk
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast("cuda", dtype=self.autocast) if self.autocast is not None else contextlib.nullcontext()
 
     def evaluate(
         self, perturbations: Sequence[Perturbation], desc: str = "probes"
@@ -225,18 +276,24 @@ class Engine:
                 for chunk in self._chunks(perturbations):
                     base = MeasureSums()
                     sums = [MeasureSums() for _ in chunk]
+                    self.executor.prepare([values for _, values in chunk])
                     for x, y in self.batches():
-                        p = self.executor.start_batch(x)
-                        base.update(sample_measures(p, p, y, self.measures))
                         try:
-                            qs = self.executor.run_many([values for _, values in chunk])
+                            with self._autocast():
+                                p = self.executor.start_batch(x)
+                                qs = self.executor.run_many([values for _, values in chunk])
                         finally:
                             self.executor.end_batch()
+                        p = p.float()  # low-precision logits under autocast: measures in fp32 and above
+                        base.update(sample_measures(p, p, y, self.measures))
                         for acc, q in zip(sums, qs):
-                            acc.update(sample_measures(p, q, y, self.measures))
+                            acc.update(sample_measures(p, q.float(), y, self.measures))
                         bar.update(len(chunk))
                     base_result = base_result or base.compute()
                     out.update({key: acc.compute() for (key, _), acc in zip(chunk, sums)})
         finally:
             bar.close()
         return base_result, out
+
+
+from . import executors as _executors  # noqa: E402, F401  (registers "incremental" and "auto"; it imports this module)

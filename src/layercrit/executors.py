@@ -1,0 +1,591 @@
+"""The incremental executor: each perturbation recomputes only what its changed parameters affect.
+
+The model is traced once with `torch.fx`. For a set of changed parameters, the *region* is every
+graph node downstream of the nodes that read them; the *frontier* is the values the region reads
+from upstream. Per batch the unmodified model runs once and keeps the frontier values of every
+region of the engine pass (announced by `prepare`); each perturbation then runs only its region,
+as a small generated `GraphModule`, with the new values passed through
+`torch.func.functional_call`, so the model is never written to. Perturbations of the same
+parameters can run together, vmapped over their stacked values.
+
+Kept values are per batch and bounded by `memory_budget`: when a batch's frontier would not fit,
+the batch is processed in sub-batches (same numbers). Models that cannot be traced, or whose
+trace does not reproduce the model's output, run with the full forward after one log line.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import operator
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.node import map_arg
+
+from .engine import EXECUTORS, Executor, FullForward, eval_mode, logits_of
+from .errors import LayercritError
+from .probes import substitute
+
+__all__ = ["DEFAULT_MEMORY_BUDGET", "IncrementalExecutor", "auto_executor"]
+
+log = logging.getLogger("layercrit")
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of kept frontier values (and stacked trials) per batch: 1 GiB
+_MAX_STACK = 64  # most perturbations vmapped together, whatever the budget allows
+_AUTO_STACK_ROWS = 128  # automatic choice on CPU: stack trials only while batch rows are fewer than this
+
+Values = Mapping[str, torch.Tensor]
+
+# Ops whose output may share memory with their first input: an in-place op on such an output
+# would write into a value that other nodes read.
+_VIEW_METHODS = {
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "permute", "t", "squeeze",
+    "unsqueeze", "expand", "expand_as", "narrow", "select", "split", "chunk", "unbind", "as_strided", "contiguous",
+    "detach", "movedim", "swapaxes", "diagonal", "unfold", "__getitem__", "real", "imag", "type_as", "to", "float",
+}
+_VIEW_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
+                   torch.unsqueeze, torch.narrow, torch.select, torch.split, torch.chunk, torch.unbind, torch.movedim,
+                   torch.swapaxes, torch.t, torch.diagonal, torch.detach}
+_ALIAS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                  nn.AlphaDropout)
+_INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+_untraceable: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()  # model -> why; logged once
+
+
+class _NotIncremental(Exception):
+    """The model's graph cannot be run incrementally (the message says why)."""
+
+
+def _storage_bytes(values: Iterable) -> int:
+    """Bytes of the distinct storages behind the tensors in `values` (nested tuples/lists/dicts too)."""
+    seen: dict[int, int] = {}
+
+    def visit(v) -> None:
+        if isinstance(v, torch.Tensor):
+            s = v.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+        elif isinstance(v, (tuple, list)):
+            for u in v:
+                visit(u)
+        elif isinstance(v, dict):
+            for u in v.values():
+                visit(u)
+
+    for v in values:
+        visit(v)
+    return sum(seen.values())
+
+
+def _numel_bytes(v) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size()
+    if isinstance(v, (tuple, list)):
+        return sum(_numel_bytes(u) for u in v)
+    return 0
+
+
+def _describe(node: fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {target}"
+
+
+class _Trace:
+    """The fx graph of a model and what each graph node reads of the model's parameters and buffers."""
+
+    def __init__(self, model: nn.Module) -> None:
+        with eval_mode(model):  # Python branches on `self.training` take the evaluation path
+            self.gm = fx.symbolic_trace(model)
+        self.nodes = list(self.gm.graph.nodes)
+        self.output = self.nodes[-1]
+        self.placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        if len(self.placeholders) != 1:
+            raise _NotIncremental(f"forward takes {len(self.placeholders)} inputs; expected one")
+        tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+        self.shapes = {n: (t.shape, t.dtype, t.device) for n, t in tensors.items()}
+        by_id: dict[int, list[str]] = {}
+        for n, t in tensors.items():
+            by_id.setdefault(id(t), []).append(n)
+        self.aliases = {n: by_id[id(t)] for n, t in tensors.items()}  # tied parameters share a list
+        self.readers: dict[str, list[fx.Node]] = {n: [] for n in tensors}
+        for node in self.nodes:
+            if node.op == "get_attr" and node.target in self.readers:
+                self.readers[node.target].append(node)
+            elif node.op == "call_module":
+                prefix = node.target + "."
+                for n in tensors:
+                    if n.startswith(prefix):
+                        self.readers[n].append(node)
+        self.mutated = self._check_mutations()
+
+    def _inplace_target(self, node: fx.Node) -> fx.Node | None:
+        """The node whose value `node` overwrites in place, if any."""
+        if node.op == "call_module":
+            inplace = getattr(self.gm.get_submodule(node.target), "inplace", False) is True
+        elif node.op == "call_method":
+            inplace = node.target.endswith("_") and not node.target.startswith("_") or node.kwargs.get("inplace") is True
+        elif node.op == "call_function":
+            name = getattr(node.target, "__name__", "")
+            inplace = (node.target in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("_"))
+                       or _bound_inplace(node))
+        else:
+            return None
+        return node.args[0] if inplace and node.args and isinstance(node.args[0], fx.Node) else None
+
+    def _aliases_input(self, node: fx.Node) -> bool:
+        if node.op == "call_method":
+            return node.target in _VIEW_METHODS
+        if node.op == "call_function":
+            return node.target in _VIEW_FUNCTIONS
+        if node.op == "call_module":
+            return isinstance(self.gm.get_submodule(node.target), _ALIAS_MODULES)
+        return True  # placeholders and parameters must never be written to
+
+    def _check_mutations(self) -> dict[fx.Node, fx.Node]:
+        """{value: the node writing it in place}. Supported: in-place ops (e.g. ReLU(inplace=True)) on a
+        value no other node reads, which was computed fresh or by another such op."""
+        mutated: dict[fx.Node, fx.Node] = {}
+        for node in self.nodes:
+            target = self._inplace_target(node)
+            if target is None:
+                continue
+            fresh = target in mutated or not self._aliases_input(target)
+            if len(target.users) > 1 or not fresh:
+                raise _NotIncremental(f"in-place {_describe(node)} writes to a value other operations read")
+            mutated[target] = node
+        return mutated
+
+    def expand(self, names: Iterable[str]) -> frozenset[str]:
+        """`names` with the other names of tied parameters."""
+        return frozenset(a for n in names for a in self.aliases[n])
+
+    def region(self, names: frozenset[str]) -> _Region:
+        """The part of the graph downstream of the (alias-expanded) parameter `names`."""
+        seeds = {node for n in names for node in self.readers[n]}
+        if any(not self.readers[n] for n in names):
+            return _Region(names, full=True)  # a parameter the trace does not see: only the full forward is safe
+        down: set[fx.Node] = set()
+        for node in self.nodes:  # topological order: one pass propagates
+            if node in seeds or any(a in down for a in node.all_input_nodes):
+                down.add(node)
+        if self.output not in down:
+            return _Region(names, unaffected=True)
+        ordered = [n for n in self.nodes if n in down]
+        frontier = [n for n in self.nodes if n not in down and n.op != "get_attr" and any(u in down for u in n.users)]
+        return _Region(names, nodes=ordered, frontier=frontier, gm=self._region_module(ordered, frontier))
+
+    def _region_module(self, nodes: list[fx.Node], frontier: list[fx.Node]) -> fx.GraphModule:
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for f in frontier:
+            p = g.placeholder(f.name)
+            # A kept value that the region overwrites in place is copied first: it serves every perturbation.
+            env[f] = g.call_method("clone", (p,)) if f in self.mutated else p
+
+        def arg(a: fx.Node) -> fx.Node:
+            if a not in env:  # an unchanged parameter or constant read by the region: read it again
+                env[a] = g.get_attr(a.target)
+            return env[a]
+
+        for node in nodes:
+            env[node] = g.node_copy(node, arg)
+        return fx.GraphModule(self.gm, g)
+
+    def keeper(self, kept: Sequence[fx.Node], with_output: bool) -> fx.GraphModule:
+        """The unmodified graph returning `(output, kept values)` (or only the kept values, with
+        everything they do not need removed)."""
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        copies: dict[fx.Node, fx.Node] = {}
+        wanted = set(kept)
+        for node in self.nodes:
+            if node.op == "output":
+                continue
+            env[node] = g.node_copy(node, lambda a: env[a])
+            if node in wanted and node in self.mutated:  # copy before a later op overwrites it
+                copies[node] = g.call_method("clone", (env[node],))
+        values = tuple(copies.get(k, env[k]) for k in kept)
+        g.output((map_arg(self.output.args[0], lambda a: env[a]), values) if with_output else values)
+        gm = fx.GraphModule(self.gm, g)
+        if not with_output:
+            gm.graph.eliminate_dead_code()  # needs the owning module to judge call_module nodes
+            gm.recompile()
+        return gm
+
+
+def _bound_inplace(node: fx.Node) -> bool:
+    if node.kwargs.get("inplace") is True:
+        return True
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return bound.arguments.get("inplace") is True
+
+
+@dataclass(eq=False)
+class _Region:
+    """What one set of changed parameters needs recomputed.
+
+    Attributes:
+        names: the changed parameter/buffer names (tied names included).
+        full: the trace does not see one of them: run the full forward.
+        unaffected: the output does not depend on them: the unmodified logits.
+        nodes: the downstream nodes, in graph order.
+        frontier: upstream nodes the region reads (the kept values; the input placeholder too).
+        gm: the region as a module taking the frontier values.
+        peak_per_sample: estimated bytes per sample alive at once while the region runs (0: unknown).
+    """
+
+    names: frozenset[str]
+    full: bool = False
+    unaffected: bool = False
+    nodes: list[fx.Node] = field(default_factory=list)
+    frontier: list[fx.Node] = field(default_factory=list)
+    gm: fx.GraphModule | None = None
+    runner: Callable[[dict, tuple], torch.Tensor] | None = None  # (values, frontier values) -> logits
+    peak_per_sample: float = 0.0
+    stack_ok: bool = True  # vmap works on this region (turned off after a failure)
+
+
+@dataclass(eq=False)
+class _Plan:
+    """The regions of one engine pass and the union of their frontiers."""
+
+    key: tuple[frozenset[str], ...]
+    regions: list[_Region]  # one per perturbation (shared between perturbations of the same names)
+    kept: list[fx.Node]  # computed frontier nodes to keep (placeholders excluded: the batch itself)
+    keeper: fx.GraphModule | None = None  # output and kept values
+    prefix: fx.GraphModule | None = None  # kept values only (for sub-batches)
+    kept_per_sample: float | None = None  # estimated bytes of kept values per sample
+
+
+class IncrementalExecutor(Executor):
+    """Runs each perturbation from kept intermediate values, recomputing only its downstream part.
+
+    Args:
+        model: the model; traced once with `torch.fx.symbolic_trace` (in eval mode).
+        memory_budget: bytes of intermediate values kept per batch (default 1 GiB). A batch whose
+            kept values would exceed it is processed in sub-batches; stacked trials are limited so
+            that their estimated activations fit beside the kept values. `peak_bytes` reports the
+            most kept at once.
+        batch_trials: run perturbations of the same parameters together, vmapped over their stacked
+            values: True, False, or None (automatic: on CUDA, and on other devices for small batches,
+            where per-operation overhead dominates).
+        compile: `torch.compile` each region (and the unmodified graph).
+
+    Attributes:
+        fallback_reason: why the model runs with the full forward instead (None if it does not).
+        peak_bytes: the largest number of bytes of kept values held at once so far.
+    """
+
+    name = "incremental"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        batch_trials: bool | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__(model)
+        if not isinstance(memory_budget, int) or isinstance(memory_budget, bool) or memory_budget < 1:
+            raise LayercritError(f"Expected `memory_budget` to be a positive integer, got {memory_budget!r}")
+        self.memory_budget = memory_budget
+        self.batch_trials = batch_trials
+        self.compile = compile
+        self.peak_bytes = 0
+        self.fallback_reason: str | None = None
+        self._full: FullForward | None = None
+        self._trace: _Trace | None = None
+        self._regions: dict[frozenset[str], _Region] = {}
+        self._plan: _Plan | None = None
+        self._validated = False
+        self._budget_warned = False
+        self._batch: dict | None = None
+        if model in _untraceable:
+            self._fall_back(_untraceable[model], announce=False)
+            return
+        try:
+            self._trace = _Trace(model)
+        except Exception as e:  # noqa: BLE001  (any tracing failure means: not traceable)
+            self._fall_back(_first_line(e))
+
+    @property
+    def incremental(self) -> bool:
+        """Whether perturbations run incrementally (False after a fallback to the full forward)."""
+        return self._full is None
+
+    def _fall_back(self, reason: str, announce: bool = True) -> None:
+        self.fallback_reason = reason
+        self._full = FullForward(self.model, compile=self.compile)
+        self._trace = None
+        if announce and self.model not in _untraceable:
+            _untraceable[self.model] = reason
+            log.warning("layercrit: %s runs with the full forward, not incrementally: %s",
+                        type(self.model).__name__, reason)
+
+    # -- planning ---------------------------------------------------------------------------------
+
+    def _region(self, names: frozenset[str]) -> _Region:
+        if names not in self._regions:
+            region = self._trace.region(self._trace.expand(names))
+            region.names = names
+            if region.gm is not None:
+                region.runner = _runner(region.gm, self.compile)
+            self._regions[names] = region
+        return self._regions[names]
+
+    def _check(self, values: Values) -> frozenset[str]:
+        shapes = self._trace.shapes
+        missing = [n for n in values if n not in shapes]
+        if missing:
+            raise LayercritError(f"model has no parameter(s) {', '.join(missing)}")
+        for n, v in values.items():
+            if v.shape != shapes[n][0]:
+                raise LayercritError(f"new value for {n} has shape {tuple(v.shape)}; expected {tuple(shapes[n][0])}")
+        return frozenset(values)
+
+    def _make_plan(self, perturbations: Sequence[Values]) -> _Plan:
+        key = tuple(self._check(v) for v in perturbations)
+        if self._plan is not None and self._plan.key == key:
+            return self._plan
+        regions = [self._region(names) for names in key]
+        needed = {f for r in regions for f in r.frontier if f.op != "placeholder"}
+        kept = [n for n in self._trace.nodes if n in needed]
+        keeper = self._trace.keeper(kept, with_output=True)
+        prefix = self._trace.keeper(kept, with_output=False)
+        if self.compile:
+            keeper, prefix = torch.compile(keeper), torch.compile(prefix)
+        return _Plan(key, regions, kept, keeper, prefix)
+
+    def prepare(self, perturbations: Sequence[Values]) -> None:
+        if self._full is not None:
+            return self._full.prepare(perturbations)
+        self._plan = self._make_plan(perturbations)
+
+    # -- per batch --------------------------------------------------------------------------------
+
+    def start_batch(self, x: torch.Tensor) -> torch.Tensor:
+        if self._full is not None:
+            return self._full.start_batch(x)
+        plan, kept = self._plan, None
+        if plan is not None:
+            self._estimate(plan, x)
+        if plan is not None and self._sub_batch(plan, x) >= len(x):
+            out, values = plan.keeper(x)
+            kept = dict(zip(plan.kept, values))
+            self._note_kept(values)
+        else:  # no plan yet, or too large: `run_many` recomputes kept values per sub-batch
+            out = self._trace.gm(x)
+        logits = logits_of(out)
+        if not self._validated and not self._validate(x, logits):
+            return self._full.start_batch(x)
+        self._batch = {"x": x, "logits": logits, "kept": kept, "plan": plan}
+        return logits
+
+    def _validate(self, x: torch.Tensor, logits: torch.Tensor) -> bool:
+        """Whether the traced graph reproduced the model's output on the first batch."""
+        self._validated = True
+        ok, why = _same(logits, logits_of(self.model(x)))
+        if not ok:
+            self._fall_back(why)
+        return ok
+
+    def _estimate(self, plan: _Plan, x: torch.Tensor) -> None:
+        """Kept bytes per sample of `plan`, and the regions' activation peaks, from two samples."""
+        if plan.kept_per_sample is not None:
+            return
+        probe = x[:2]
+        plan.kept_per_sample = _storage_bytes(plan.prefix(probe)) / len(probe) if plan.kept else 0.0
+        if any(r.gm is not None and r.peak_per_sample == 0.0 for r in plan.regions):
+            self._estimate_peaks(probe)
+
+    def _sub_batch(self, plan: _Plan, x: torch.Tensor) -> int:
+        """Samples per sub-batch whose kept values fit the budget."""
+        self._estimate(plan, x)
+        per = plan.kept_per_sample
+        if per == 0:
+            return len(x)
+        n = int(self.memory_budget // per)
+        if n < 1:
+            if not self._budget_warned:
+                self._budget_warned = True
+                log.warning("layercrit: memory_budget %d is smaller than one sample's kept values (%d bytes); "
+                            "keeping one sample at a time", self.memory_budget, int(per))
+            n = 1
+        return min(n, len(x))
+
+    def _note_kept(self, values) -> None:
+        self.peak_bytes = max(self.peak_bytes, _storage_bytes(values))
+
+    def _estimate_peaks(self, probe: torch.Tensor) -> None:
+        """Per-sample bytes alive at once in each region, from the node outputs on `probe`."""
+        sizes: dict[fx.Node, float] = {}
+
+        class Sizes(fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                sizes[n] = _numel_bytes(out) / len(probe)
+                return out
+
+        Sizes(self._trace.gm).run(probe)
+        for region in self._regions.values():
+            if region.gm is None:
+                continue
+            index = {n: i for i, n in enumerate(region.nodes)}
+            last = {n: max((index[u] for u in n.users if u in index), default=index[n]) for n in region.nodes}
+            live, peak, ends = 0.0, 0.0, {}
+            for i, n in enumerate(region.nodes):
+                live += sizes.get(n, 0.0)
+                peak = max(peak, live)
+                ends.setdefault(last[n], []).append(n)
+                live -= sum(sizes.get(m, 0.0) for m in ends.pop(i, []))
+            region.peak_per_sample = max(peak, 1.0)
+
+    def run(self, values: Values) -> torch.Tensor:
+        return self.run_many([values])[0]
+
+    def run_many(self, perturbations: Sequence[Values]) -> list[torch.Tensor]:
+        if self._full is not None:
+            return self._full.run_many(perturbations)
+        batch = self._batch
+        plan = self._make_plan(perturbations)
+        x = batch["x"]
+        if batch["kept"] is not None and plan is batch["plan"]:
+            return self._run_plan(plan, perturbations, x, batch["kept"], batch["logits"])
+        # Without kept values (no plan announced, or too large for the budget): sub-batches, each
+        # recomputing its kept values from the input.
+        step = self._sub_batch(plan, x) if plan.kept else len(x)
+        parts: list[list[torch.Tensor]] = []
+        for i in range(0, len(x), step):
+            xs = x[i : i + step]
+            values = plan.prefix(xs) if plan.kept else ()
+            self._note_kept(values)
+            kept = dict(zip(plan.kept, values))
+            parts.append(self._run_plan(plan, perturbations, xs, kept, batch["logits"][i : i + step]))
+            del values, kept
+        return [torch.cat(qs) for qs in zip(*parts)]
+
+    def end_batch(self) -> None:
+        if self._full is not None:
+            return self._full.end_batch()
+        self._batch = None
+
+    # -- regions ----------------------------------------------------------------------------------
+
+    def _run_plan(self, plan: _Plan, perturbations: Sequence[Values], x: torch.Tensor,
+                  kept: dict[fx.Node, object], logits: torch.Tensor) -> list[torch.Tensor]:
+        out: list[torch.Tensor | None] = [None] * len(perturbations)
+        groups: dict[int, list[int]] = {}
+        for i, region in enumerate(plan.regions):
+            groups.setdefault(id(region), []).append(i)
+        kept_bytes = _storage_bytes(kept.values())
+        for idx in groups.values():
+            region = plan.regions[idx[0]]
+            if region.unaffected:
+                for i in idx:
+                    out[i] = logits
+                continue
+            if region.full:
+                for i in idx:
+                    with substitute(self.model, perturbations[i]):
+                        out[i] = logits_of(self.model(x))
+                continue
+            args = tuple(x if f.op == "placeholder" else kept[f] for f in region.frontier)
+            values = [self._region_values(region, perturbations[i]) for i in idx]
+            for i, q in zip(idx, self._run_region(region, args, values, len(x), kept_bytes)):
+                out[i] = q
+        return out
+
+    def _region_values(self, region: _Region, values: Values) -> dict[str, torch.Tensor]:
+        """`values` under every name the region's module knows them by (tied parameters), as the
+        model's own dtype and device (as `substitute` would copy them)."""
+        shapes, aliases = self._trace.shapes, self._trace.aliases
+        out = {}
+        for n, v in values.items():
+            _, dtype, device = shapes[n]
+            v = v.to(device=device, dtype=dtype)
+            for a in aliases[n]:
+                out[a] = v
+        return out
+
+    def _stack(self, region: _Region, rows: int, kept_bytes: int, count: int) -> int:
+        """How many perturbations of `region` to vmap together (1: one at a time)."""
+        if count < 2 or not region.stack_ok:
+            return 1
+        wanted = self.batch_trials
+        if wanted is None:
+            wanted = region.gm is not None and (self._device().type == "cuda" or rows < _AUTO_STACK_ROWS)
+        if not wanted:
+            return 1
+        per = region.peak_per_sample * rows
+        room = self.memory_budget - kept_bytes
+        fit = int(room // per) if per > 0 else _MAX_STACK
+        return max(1, min(count, _MAX_STACK, fit))
+
+    def _device(self) -> torch.device:
+        first = next(self.model.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    def _run_region(self, region: _Region, args: tuple, values: list[dict[str, torch.Tensor]], rows: int,
+                    kept_bytes: int) -> list[torch.Tensor]:
+        def one(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            return region.runner(params, args)
+
+        k = self._stack(region, rows, kept_bytes, len(values))
+        if k == 1:
+            return [one(v) for v in values]
+        out: list[torch.Tensor] = []
+        for i in range(0, len(values), k):
+            chunk = values[i : i + k]
+            if len(chunk) == 1:
+                out.append(one(chunk[0]))
+                continue
+            stacked = {n: torch.stack([v[n] for v in chunk]) for n in chunk[0]}
+            try:
+                out.extend(torch.vmap(one, randomness="error")(stacked).unbind(0))
+            except Exception as e:  # noqa: BLE001  (an op without a batching rule: one at a time)
+                log.debug("layercrit: vmap over %s failed (%s); running trials one at a time",
+                          sorted(region.names), _first_line(e))
+                region.stack_ok = False
+                return out + [one(v) for v in values[i:]]
+        return out
+
+
+def _runner(gm: fx.GraphModule, compile: bool) -> Callable[[dict, tuple], torch.Tensor]:
+    def run(params: dict[str, torch.Tensor], args: tuple) -> torch.Tensor:
+        # The values replace the region module's own parameters for this call only: nothing is written.
+        return logits_of(torch.func.functional_call(gm, params, args))
+
+    return torch.compile(run) if compile else run
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, str]:
+    if a.shape != b.shape:
+        return False, f"the traced graph returns shape {tuple(a.shape)}, the model {tuple(b.shape)}"
+    if torch.equal(a, b) or torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True):
+        return True, ""
+    diff = float((a.double() - b.double()).abs().nan_to_num(math.inf).max())
+    return False, f"the traced graph's output differs from the model's by {diff:.3g} (Python control flow or state?)"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+@EXECUTORS.register("auto")
+def auto_executor(model: nn.Module, **options) -> Executor:
+    """The incremental executor when the model traces, else the full forward (with one log line)."""
+    executor = IncrementalExecutor(model, **options)
+    return executor._full if executor._full is not None else executor
+
+
+EXECUTORS.register("incremental")(IncrementalExecutor)
