@@ -28,6 +28,7 @@ def test_roundtrip_formats(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_refuses_pickled_code(tmp_path):
     with open(tmp_path / "evil.pt", "wb") as f:
         torch.save({"w": torch.zeros(1), "x": Evil()}, f)

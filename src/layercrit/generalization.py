@@ -68,7 +68,9 @@ def complexity_measures(run: Run | str | Path, epsilon: Sequence[float] = (0.1,)
         "dti": dti,
         "nop": sum(p.numel() for p in model.parameters()),
     }
-    result = run_module_criticality(run, epsilon=list(epsilon), progress=progress, **modcrit_settings)
+    # Only μ and σ at α = 1 are needed here: the pruned search gives both without the whole curve.
+    settings = {"curve": False} | modcrit_settings
+    result = run_module_criticality(run, epsilon=list(epsilon), progress=progress, **settings)
     for _, n in result.network.iterrows():
         row[f"pac_bayes@{n['epsilon']:g}"] = n["pac_bayes"]
         row[f"network_criticality@{n['epsilon']:g}"] = n["network_criticality"]
