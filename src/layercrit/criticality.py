@@ -41,7 +41,7 @@ class MeasureConfig:
     units: list[str] | None = None  # exact unit names, after the selection (a sweep's layer chunk)
     trial_ids: list[int] | None = None  # run only these trials of random probes (default: 0..trials-1)
     batch_size: int = 256
-    executor: str = "auto"  # how probed models run (see engine.EXECUTORS)
+    executor: str = "full"  # how probed models run (see engine.EXECUTORS; "incremental"/"auto" are experimental)
     device: str | None = None  # default: the model's device
 
     def __post_init__(self) -> None:

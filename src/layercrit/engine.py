@@ -4,7 +4,8 @@ Inputs are materialized once as tensors. For each batch the executor runs the un
 once (`start_batch`), then every perturbation (`run_many`); the measures of each perturbation
 are accumulated against the unmodified outputs of the same batch. An executor decides *how* a
 probed model runs on a batch; the plain `FullForward` runs the whole model with the parameters
-substituted, a faster executor can replace it without touching the rest.
+substituted (the reference), `executors.IncrementalExecutor` recomputes only what each
+perturbation changes, from values kept during the unmodified run (told in advance by `prepare`).
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ class Engine:
         labels: torch.Tensor | None = None,
         batch_size: int = 256,
         device: str | torch.device | None = None,
-        executor: str | Executor = "auto",
+        executor: str | Executor = "full",
         progress: bool = False,
         values_budget: int = 2 << 30,
         measures: Sequence[str] | None = None,

@@ -19,6 +19,7 @@ import inspect
 import logging
 import math
 import operator
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +39,6 @@ log = logging.getLogger("layercrit")
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of kept frontier values (and stacked trials) per batch: 1 GiB
 _MAX_STACK = 64  # most perturbations vmapped together, whatever the budget allows
-_AUTO_STACK_ROWS = 128  # automatic choice on CPU: stack trials only while batch rows are fewer than this
 
 Values = Mapping[str, torch.Tensor]
 
@@ -122,7 +122,7 @@ class _Trace:
                 for n in tensors:
                     if n.startswith(prefix):
                         self.readers[n].append(node)
-        self.mutated = self._check_mutations()
+        self.mutated = self._link_mutations()
 
     def _inplace_target(self, node: fx.Node) -> fx.Node | None:
         """The node whose value `node` overwrites in place, if any."""
@@ -147,18 +147,31 @@ class _Trace:
             return isinstance(self.gm.get_submodule(node.target), _ALIAS_MODULES)
         return True  # placeholders and parameters must never be written to
 
-    def _check_mutations(self) -> dict[fx.Node, fx.Node]:
-        """{value: the node writing it in place}. Supported: in-place ops (e.g. ReLU(inplace=True)) on a
-        value no other node reads, which was computed fresh or by another such op."""
+    def _link_mutations(self) -> dict[fx.Node, fx.Node]:
+        """Make in-place writes visible in the graph's data flow; return {value: the node writing it}.
+
+        `out.add_(h); relu(out)` traces as two readers of `out`; the reader after the write really
+        reads the write's result, so it is rewired to it. Then a region that contains the write but
+        not `out` gets `out` as a kept value, which it copies before writing (`_region_module`), and
+        the kept value is copied before the unmodified run writes to it (`keeper`). Writes that
+        views could observe, or writes to inputs or parameters, are not supported.
+        """
+        order = {n: i for i, n in enumerate(self.nodes)}
         mutated: dict[fx.Node, fx.Node] = {}
         for node in self.nodes:
             target = self._inplace_target(node)
             if target is None:
                 continue
-            fresh = target in mutated or not self._aliases_input(target)
-            if len(target.users) > 1 or not fresh:
-                raise _NotIncremental(f"in-place {_describe(node)} writes to a value other operations read")
+            readers = [u for u in target.users if u is not node]
+            if (node.target is operator.setitem or self._aliases_input(target)
+                    or any(self._aliases_input(u) for u in readers)):
+                raise _NotIncremental(f"in-place {_describe(node)} writes to a value that views or inputs share")
+            for u in readers:
+                if order[u] > order[node]:
+                    u.replace_input_with(target, node)
             mutated[target] = node
+        if mutated:
+            self.gm.recompile()
         return mutated
 
     def expand(self, names: Iterable[str]) -> frozenset[str]:
@@ -183,10 +196,11 @@ class _Trace:
     def _region_module(self, nodes: list[fx.Node], frontier: list[fx.Node]) -> fx.GraphModule:
         g = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
+        inside = set(nodes)
         for f in frontier:
             p = g.placeholder(f.name)
             # A kept value that the region overwrites in place is copied first: it serves every perturbation.
-            env[f] = g.call_method("clone", (p,)) if f in self.mutated else p
+            env[f] = g.call_method("clone", (p,)) if self.mutated.get(f) in inside else p
 
         def arg(a: fx.Node) -> fx.Node:
             if a not in env:  # an unchanged parameter or constant read by the region: read it again
@@ -251,19 +265,26 @@ class _Region:
     gm: fx.GraphModule | None = None
     runner: Callable[[dict, tuple], torch.Tensor] | None = None  # (values, frontier values) -> logits
     peak_per_sample: float = 0.0
-    stack_ok: bool = True  # vmap works on this region (turned off after a failure)
+    stacked: bool | None = None  # False once vmap failed on this region
+
+
+@dataclass(eq=False)
+class _Keep:
+    """What the unmodified run keeps for a set of regions, and the graphs that compute it."""
+
+    nodes: tuple[fx.Node, ...]  # computed frontier nodes (placeholders excluded: the batch itself)
+    keeper: Callable  # x -> (output, kept values)
+    prefix: Callable  # x -> kept values, computing nothing else (for sub-batches)
+    per_sample: float | None = None  # estimated bytes of kept values per sample
 
 
 @dataclass(eq=False)
 class _Plan:
-    """The regions of one engine pass and the union of their frontiers."""
+    """The regions of one engine pass (one per perturbation, shared by equal parameter sets)."""
 
     key: tuple[frozenset[str], ...]
-    regions: list[_Region]  # one per perturbation (shared between perturbations of the same names)
-    kept: list[fx.Node]  # computed frontier nodes to keep (placeholders excluded: the batch itself)
-    keeper: fx.GraphModule | None = None  # output and kept values
-    prefix: fx.GraphModule | None = None  # kept values only (for sub-batches)
-    kept_per_sample: float | None = None  # estimated bytes of kept values per sample
+    regions: list[_Region]
+    keep: _Keep
 
 
 class IncrementalExecutor(Executor):
@@ -276,8 +297,9 @@ class IncrementalExecutor(Executor):
             that their estimated activations fit beside the kept values. `peak_bytes` reports the
             most kept at once.
         batch_trials: run perturbations of the same parameters together, vmapped over their stacked
-            values: True, False, or None (automatic: on CUDA, and on other devices for small batches,
-            where per-operation overhead dominates).
+            values: True, False, or None (automatic: on CUDA, where larger kernels pay; not on the
+            CPU, where it measured no faster here and one at a time keeps results bitwise equal to
+            the full forward's).
         compile: `torch.compile` each region (and the unmodified graph).
 
     Attributes:
@@ -305,6 +327,7 @@ class IncrementalExecutor(Executor):
         self._full: FullForward | None = None
         self._trace: _Trace | None = None
         self._regions: dict[frozenset[str], _Region] = {}
+        self._keeps: dict[tuple[fx.Node, ...], _Keep] = {}
         self._plan: _Plan | None = None
         self._validated = False
         self._budget_warned = False
@@ -358,12 +381,14 @@ class IncrementalExecutor(Executor):
             return self._plan
         regions = [self._region(names) for names in key]
         needed = {f for r in regions for f in r.frontier if f.op != "placeholder"}
-        kept = [n for n in self._trace.nodes if n in needed]
-        keeper = self._trace.keeper(kept, with_output=True)
-        prefix = self._trace.keeper(kept, with_output=False)
-        if self.compile:
-            keeper, prefix = torch.compile(keeper), torch.compile(prefix)
-        return _Plan(key, regions, kept, keeper, prefix)
+        nodes = tuple(n for n in self._trace.nodes if n in needed)
+        if nodes not in self._keeps:
+            keeper = self._trace.keeper(nodes, with_output=True)
+            prefix = self._trace.keeper(nodes, with_output=False)
+            if self.compile:
+                keeper, prefix = torch.compile(keeper), torch.compile(prefix)
+            self._keeps[nodes] = _Keep(nodes, keeper, prefix)
+        return _Plan(key, regions, self._keeps[nodes])
 
     def prepare(self, perturbations: Sequence[Values]) -> None:
         if self._full is not None:
@@ -379,8 +404,8 @@ class IncrementalExecutor(Executor):
         if plan is not None:
             self._estimate(plan, x)
         if plan is not None and self._sub_batch(plan, x) >= len(x):
-            out, values = plan.keeper(x)
-            kept = dict(zip(plan.kept, values))
+            out, values = plan.keep.keeper(x)
+            kept = dict(zip(plan.keep.nodes, values))
             self._note_kept(values)
         else:  # no plan yet, or too large: `run_many` recomputes kept values per sub-batch
             out = self._trace.gm(x)
@@ -400,17 +425,18 @@ class IncrementalExecutor(Executor):
 
     def _estimate(self, plan: _Plan, x: torch.Tensor) -> None:
         """Kept bytes per sample of `plan`, and the regions' activation peaks, from two samples."""
-        if plan.kept_per_sample is not None:
+        keep = plan.keep
+        if keep.per_sample is not None:
             return
         probe = x[:2]
-        plan.kept_per_sample = _storage_bytes(plan.prefix(probe)) / len(probe) if plan.kept else 0.0
-        if any(r.gm is not None and r.peak_per_sample == 0.0 for r in plan.regions):
+        keep.per_sample = _storage_bytes(keep.prefix(probe)) / len(probe) if keep.nodes else 0.0
+        if self._stacking() and any(r.gm is not None and r.peak_per_sample == 0.0 for r in plan.regions):
             self._estimate_peaks(probe)
 
     def _sub_batch(self, plan: _Plan, x: torch.Tensor) -> int:
         """Samples per sub-batch whose kept values fit the budget."""
         self._estimate(plan, x)
-        per = plan.kept_per_sample
+        per = plan.keep.per_sample
         if per == 0:
             return len(x)
         n = int(self.memory_budget // per)
@@ -456,19 +482,20 @@ class IncrementalExecutor(Executor):
         if self._full is not None:
             return self._full.run_many(perturbations)
         batch = self._batch
-        plan = self._make_plan(perturbations)
+        plan = self._plan = self._make_plan(perturbations)  # without `prepare`, the next batch keeps for it
         x = batch["x"]
         if batch["kept"] is not None and plan is batch["plan"]:
             return self._run_plan(plan, perturbations, x, batch["kept"], batch["logits"])
         # Without kept values (no plan announced, or too large for the budget): sub-batches, each
         # recomputing its kept values from the input.
-        step = self._sub_batch(plan, x) if plan.kept else len(x)
+        keep = plan.keep
+        step = self._sub_batch(plan, x) if keep.nodes else len(x)
         parts: list[list[torch.Tensor]] = []
         for i in range(0, len(x), step):
             xs = x[i : i + step]
-            values = plan.prefix(xs) if plan.kept else ()
+            values = keep.prefix(xs) if keep.nodes else ()
             self._note_kept(values)
-            kept = dict(zip(plan.kept, values))
+            kept = dict(zip(keep.nodes, values))
             parts.append(self._run_plan(plan, perturbations, xs, kept, batch["logits"][i : i + step]))
             del values, kept
         return [torch.cat(qs) for qs in zip(*parts)]
@@ -516,46 +543,44 @@ class IncrementalExecutor(Executor):
                 out[a] = v
         return out
 
-    def _stack(self, region: _Region, rows: int, kept_bytes: int, count: int) -> int:
-        """How many perturbations of `region` to vmap together (1: one at a time)."""
-        if count < 2 or not region.stack_ok:
-            return 1
-        wanted = self.batch_trials
-        if wanted is None:
-            wanted = region.gm is not None and (self._device().type == "cuda" or rows < _AUTO_STACK_ROWS)
-        if not wanted:
+    def _stack_size(self, region: _Region, rows: int, kept_bytes: int, count: int) -> int:
+        """Most perturbations of `region` whose activations fit beside the kept values (1: one at a time)."""
+        if count < 2 or not self._stacking() or region.stacked is False:
             return 1
         per = region.peak_per_sample * rows
-        room = self.memory_budget - kept_bytes
-        fit = int(room // per) if per > 0 else _MAX_STACK
+        fit = int((self.memory_budget - kept_bytes) // per) if per > 0 else _MAX_STACK
         return max(1, min(count, _MAX_STACK, fit))
 
-    def _device(self) -> torch.device:
+    def _stacking(self) -> bool:
+        if self.batch_trials is not None:
+            return self.batch_trials
         first = next(self.model.parameters(), None)
-        return first.device if first is not None else torch.device("cpu")
+        return first is not None and first.device.type == "cuda"
 
     def _run_region(self, region: _Region, args: tuple, values: list[dict[str, torch.Tensor]], rows: int,
                     kept_bytes: int) -> list[torch.Tensor]:
         def one(params: dict[str, torch.Tensor]) -> torch.Tensor:
             return region.runner(params, args)
 
-        k = self._stack(region, rows, kept_bytes, len(values))
+        def stacked(chunk: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+            if len(chunk) == 1:
+                return [one(chunk[0])]
+            with warnings.catch_warnings():  # ops without a batching rule run slower, but correctly
+                warnings.filterwarnings("ignore", message="There is a performance drop")
+                return list(torch.vmap(one, randomness="error")({n: torch.stack([v[n] for v in chunk]) for n in chunk[0]}))
+
+        k = self._stack_size(region, rows, kept_bytes, len(values))
         if k == 1:
             return [one(v) for v in values]
         out: list[torch.Tensor] = []
-        for i in range(0, len(values), k):
-            chunk = values[i : i + k]
-            if len(chunk) == 1:
-                out.append(one(chunk[0]))
-                continue
-            stacked = {n: torch.stack([v[n] for v in chunk]) for n in chunk[0]}
-            try:
-                out.extend(torch.vmap(one, randomness="error")(stacked).unbind(0))
-            except Exception as e:  # noqa: BLE001  (an op without a batching rule: one at a time)
-                log.debug("layercrit: vmap over %s failed (%s); running trials one at a time",
-                          sorted(region.names), _first_line(e))
-                region.stack_ok = False
-                return out + [one(v) for v in values[i:]]
+        try:
+            for i in range(0, len(values), k):
+                out += stacked(values[i : i + k])
+        except Exception as e:  # noqa: BLE001  (an op without a batching rule: one at a time)
+            log.debug("layercrit: vmap over %s failed (%s); running trials one at a time",
+                      sorted(region.names), _first_line(e))
+            region.stacked = False
+            return [one(v) for v in values]
         return out
 
 

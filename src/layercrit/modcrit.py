@@ -55,7 +55,7 @@ class ModcritConfig:
     granularity: str = "layer"  # "layer" or "block"
     include_norm: bool = False
     batch_size: int = 512
-    executor: str = "auto"  # see engine.EXECUTORS
+    executor: str = "full"  # see engine.EXECUTORS
     device: str | None = None
 
     def __post_init__(self) -> None:
