@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from common import machine, timed
 
+from common import machine, timed
 from layercrit import TrainConfig, train
 from layercrit.generalization import rank_runs
 from layercrit.modcrit import run_module_criticality

@@ -70,6 +70,30 @@ def _pivot(table: pd.DataFrame, value: str, scale: float = 100.0) -> str:
     return (grid.reindex(index=order_rows, columns=order_cols) * scale).to_string(float_format=lambda v: f"{v:6.1f}")
 
 
+def _add_engine_args(p: argparse.ArgumentParser, batch_size: int) -> None:
+    """How the evaluations run: batch size, device, executor and the speed options."""
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: the model's, i.e. cpu)")
+    p.add_argument("--executor", default="auto", choices=["auto", "incremental", "full"],
+                   help="auto (default): recompute only what each probe changes when the model traces with "
+                        "torch.fx, else the whole model; full: the whole model for every probe")
+    p.add_argument("--memory-budget", type=float, metavar="MiB",
+                   help="intermediate values the incremental executor keeps per batch (default 1024 MiB)")
+    p.add_argument("--batch-trials", action=argparse.BooleanOptionalAction, default=None,
+                   help="evaluate the draws of one layer in one vmapped pass (default: on CUDA only)")
+    p.add_argument("--autocast", choices=["bf16", "fp16"], help="CUDA mixed precision (measures stay fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the evaluated graphs")
+
+
+def _engine_settings(args) -> dict:
+    budget = args.memory_budget
+    if budget is not None and not budget > 0:
+        raise LayercritError(f"--memory-budget should be a positive number of MiB, got {budget:g}")
+    return {"batch_size": args.batch_size, "device": args.device, "executor": args.executor,
+            "memory_budget": None if budget is None else max(1, int(budget * 2**20)),
+            "batch_trials": args.batch_trials, "autocast": args.autocast, "compile": args.compile}
+
+
 def _add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
     p.add_argument("--model", required=True, metavar="SPEC", help="built-in name, package.module:callable or file.py:callable")
     p.add_argument("--model-arg", action="append", type=_model_arg, default=[], metavar="KEY=VALUE",
@@ -150,8 +174,7 @@ def cmd_measure(args) -> int:
         include_norm=args.include_norm,
         granularity=args.granularity,
         label_style=args.label_style,
-        batch_size=args.batch_size,
-        device=args.device,
+        **_engine_settings(args),
     )
     print(format_summary(result))
     if args.out is not None:
@@ -184,7 +207,7 @@ def cmd_robustness(args) -> int:
     result = robustness(
         args.run, args.data, epochs=args.epochs, groups=args.group, images=args.images, data_seed=args.data_seed,
         progress=not args.quiet, trials=args.trials, seed=args.seed, granularity=args.granularity,
-        layers=args.layers, include_norm=args.include_norm, batch_size=args.batch_size, device=args.device,
+        layers=args.layers, include_norm=args.include_norm, **_engine_settings(args),
     )
     t = result.table
     layer_rows = t[(t["probe"] != "none")]
@@ -217,7 +240,7 @@ def cmd_distances(args) -> int:
 def _modcrit_settings(args) -> dict:
     return {"alphas": args.alphas, "noise_draws": args.noise_draws, "train_subset": args.train_subset,
             "data_seed": args.data_seed, "seed": args.seed, "loss": args.loss, "relative": args.relative,
-            "curve": not getattr(args, "fast", True), "layers": args.layers, "batch_size": args.batch_size, "device": args.device}
+            "curve": not getattr(args, "fast", True), "layers": args.layers, **_engine_settings(args)}
 
 
 def cmd_modcrit(args) -> int:
@@ -396,8 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-norm", action="store_true", help="also reset normalization layers")
     p.add_argument("--granularity", default="layer", choices=["layer", "block"])
     p.add_argument("--label-style", default="auto", choices=["auto", "name", "gavrikov", "zhang"])
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cpu)")
+    _add_engine_args(p, 256)
     p.add_argument("--name", help="model name in the results (default: the spec)")
     p.add_argument("--out", type=_out_path, metavar="FILE.csv|FILE.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -440,8 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--data-seed", type=int, default=0)
             p.add_argument("--group", nargs="+", metavar="GROUP",
                            help="joint groups: NAME=GLOB,GLOB or all-but-first-block-per-stage / every-second-block")
-            p.add_argument("--batch-size", type=int, default=256)
-            p.add_argument("--device")
+            _add_engine_args(p, 256)
             p.add_argument("--quiet", action="store_true")
         p.set_defaults(fn=cmd_robustness if name == "robustness" else cmd_distances)
 
@@ -464,8 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "modcrit":  # rank needs only mu and sigma at alpha = 1: it always searches that way
             p.add_argument("--fast", action="store_true", help="only the alphas that can lower mu (no full curve)")
         p.add_argument("--layers", nargs="+", metavar="GLOB")
-        p.add_argument("--batch-size", type=int, default=512)
-        p.add_argument("--device")
+        _add_engine_args(p, 512)
         p.add_argument("--out", type=_out_path, metavar="FILE.csv|FILE.json")
         p.add_argument("--quiet", action="store_true")
         p.set_defaults(fn=cmd_modcrit if name == "modcrit" else cmd_rank)

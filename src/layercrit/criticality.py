@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from .data import Dataset, load_data
-from .engine import Engine, Perturbation
+from .engine import Engine, Perturbation, RunSettings
 from .errors import LayercritError
 from .layers import select_units
 from .probes import PROBES, Probe, Reinit, Rerandomize
@@ -24,8 +24,8 @@ __all__ = ["MeasureConfig", "build_probes", "measure"]
 
 
 @dataclass
-class MeasureConfig:
-    """Settings of one criticality measurement (saved next to its results)."""
+class MeasureConfig(RunSettings):
+    """Settings of one criticality measurement (saved next to its results); how it runs: `RunSettings`."""
 
     probes: list[str] = field(default_factory=lambda: ["rerandomize"])  # registered probe names
     trials: int = 3  # random draws per (layer, probe); deterministic probes run once
@@ -40,17 +40,13 @@ class MeasureConfig:
     label_style: str = "auto"  # "auto", "name", "gavrikov" or "zhang"
     units: list[str] | None = None  # exact unit names, after the selection (a sweep's layer chunk)
     trial_ids: list[int] | None = None  # run only these trials of random probes (default: 0..trials-1)
-    batch_size: int = 256
-    executor: str = "full"  # how probed models run (see engine.EXECUTORS; "incremental"/"auto" are experimental)
-    device: str | None = None  # default: the model's device
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.probes, str):
             self.probes = [self.probes]
-        for name in ("trials", "batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise LayercritError(f"Expected `{name}` to be a positive integer, got {v!r}")
+        if not isinstance(self.trials, int) or isinstance(self.trials, bool) or self.trials < 1:
+            raise LayercritError(f"Expected `trials` to be a positive integer, got {self.trials!r}")
         for name in ("seed", "data_seed"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -144,7 +140,7 @@ def measure(
     probe_objs = build_probes(names, factory, reference, reference_name)
     for probe in probe_objs:
         probe.check(model, units)
-    engine = Engine(model, dataset.x, dataset.y, config.batch_size, config.device, config.executor, progress)
+    engine = Engine.from_config(model, dataset.x, dataset.y, config, progress)
     perturbations, meta = [], {}
     for probe in probe_objs:
         target = probe.describe().get("target", "")
@@ -172,6 +168,7 @@ def measure(
         "probe_details": [p.describe() for p in probe_objs],
         "units": [u.name for u in units],
         "versions": _versions(),
+        **engine.stats(),
     }
     return CriticalityResult(table, resolved)
 

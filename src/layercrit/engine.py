@@ -23,7 +23,7 @@ from .measures import MeasureSums, sample_measures
 from .probes import substitute
 from .registry import Registry
 
-__all__ = ["EXECUTORS", "Engine", "Executor", "FullForward", "Perturbation", "eval_mode", "logits_of"]
+__all__ = ["EXECUTORS", "Engine", "Executor", "FullForward", "Perturbation", "RunSettings", "eval_mode", "logits_of"]
 
 
 @dataclass
@@ -130,6 +130,31 @@ class FullForward(Executor):
 _AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@dataclass
+class RunSettings:
+    """How evaluations run (the `Engine` arguments); analysis configs extend it. Changes speed and
+    memory, not results (except `autocast`, on CUDA)."""
+
+    batch_size: int = 256
+    device: str | None = None  # default: the model's device
+    executor: str = "auto"  # see EXECUTORS: incremental when the model traces with torch.fx, else the full forward
+    memory_budget: int | None = None  # bytes kept per batch by the incremental executor (None: 1 GiB)
+    batch_trials: bool | None = None  # vmap the draws of one layer together (None: on CUDA)
+    autocast: str | None = None  # "bf16"/"fp16": CUDA autocast, measures in fp32; ignored off CUDA
+    compile: bool = False  # torch.compile what the executor runs
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise LayercritError(f"Expected `batch_size` to be a positive integer, got {self.batch_size!r}")
+        if self.executor not in EXECUTORS:
+            raise LayercritError(f"Expected `executor` to be one of {', '.join(EXECUTORS.list())}, got {self.executor!r}")
+        budget = self.memory_budget
+        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
+            raise LayercritError(f"Expected `memory_budget` to be a positive number of bytes, got {budget!r}")
+        if self.autocast not in _AUTOCAST:
+            raise LayercritError(f"Expected `autocast` to be None, 'bf16' or 'fp16', got {self.autocast!r}")
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
@@ -153,9 +178,14 @@ class Engine:
             unmodified outputs, which are identical).
         autocast: "bf16" or "fp16" to run the model under CUDA autocast (measures stay in fp32 and
             above); ignored off CUDA, where results are unchanged.
-        channels_last: feed 4-D batches in channels-last layout on CUDA (faster convolutions);
-            ignored elsewhere.
+        channels_last: feed 4-D batches in channels-last layout (faster convolutions on CUDA and
+            with oneDNN on the CPU; the numbers differ only by round-off). None (default): when the
+            inputs are 4-D and the model has a `Conv2d`.
         compile: `torch.compile` what the executor runs (any device; compiling takes time).
+        memory_budget: bytes of intermediate values the incremental executor keeps per batch
+            (None: its default, `executors.DEFAULT_MEMORY_BUDGET`); larger batches run in sub-batches.
+        batch_trials: run the perturbations of one layer together in one vmapped pass (True/False;
+            None: automatic, on CUDA only).
 
     On CUDA, cuDNN autotuning is switched on and the inputs are moved to the device once when they
     take at most `RESIDENT_FRACTION` of its free memory (else batch by batch).
@@ -176,8 +206,10 @@ class Engine:
         measures: Sequence[str] | None = None,
         *,
         autocast: str | None = None,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         compile: bool = False,
+        memory_budget: int | None = None,
+        batch_trials: bool | None = None,
     ) -> None:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise LayercritError(f"Expected `batch_size` to be a positive integer, got {batch_size!r}")
@@ -192,7 +224,9 @@ class Engine:
             model.to(self.device)
         cuda = self.device.type == "cuda"
         self.autocast = _AUTOCAST[autocast] if cuda else None
-        self.channels_last = channels_last and cuda
+        if channels_last is None:
+            channels_last = inputs.ndim == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules())
+        self.channels_last = bool(channels_last)
         if cuda:
             torch.backends.cudnn.benchmark = True  # every batch has the same shapes: let cuDNN pick its fastest kernels
             inputs, labels = self._resident(inputs, labels)
@@ -201,11 +235,29 @@ class Engine:
         if isinstance(executor, Executor):
             self.executor = executor
         else:
-            self.executor = EXECUTORS.get(executor)(model, **({"compile": True} if compile else {}))
+            options = {"compile": True} if compile else {}
+            if executor != "full":
+                options |= {k: v for k, v in (("memory_budget", memory_budget), ("batch_trials", batch_trials)) if v is not None}
+            self.executor = EXECUTORS.get(executor)(model, **options)
         self.progress = progress
         self.values_budget = values_budget
         self.measures = measures
         self.num_outputs = self._check_inputs()
+
+    @classmethod
+    def from_config(cls, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None, config,
+                    progress: bool = False, measures: Sequence[str] | None = None) -> Engine:
+        """An engine with the run settings of `config` (a settings dataclass with the fields of
+        `RunSettings`, e.g. `MeasureConfig`)."""
+        return cls(model, inputs, labels, config.batch_size, config.device, config.executor, progress,
+                   measures=measures, autocast=config.autocast, compile=config.compile,
+                   memory_budget=config.memory_budget, batch_trials=config.batch_trials)
+
+    def stats(self) -> dict:
+        """How the last evaluations ran: the executor used and the most bytes of kept values at once."""
+        ex = self.executor
+        reason = getattr(ex, "fallback_reason", None)
+        return {"executor_used": "full" if reason else ex.name, "kept_peak_bytes": getattr(ex, "peak_bytes", 0)}
 
     def _resident(self, inputs: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The inputs (and labels) on the CUDA device if they fit its share of free memory, else as given."""

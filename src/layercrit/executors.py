@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx.node import map_arg
 
 from .engine import EXECUTORS, Executor, FullForward, eval_mode, logits_of
@@ -102,6 +103,7 @@ class _Trace:
     def __init__(self, model: nn.Module) -> None:
         with eval_mode(model):  # Python branches on `self.training` take the evaluation path
             self.gm = fx.symbolic_trace(model)
+        self.folded = _fold_batchnorm(self.gm)
         self.nodes = list(self.gm.graph.nodes)
         self.output = self.nodes[-1]
         self.placeholders = [n for n in self.nodes if n.op == "placeholder"]
@@ -117,10 +119,10 @@ class _Trace:
         for node in self.nodes:
             if node.op == "get_attr" and node.target in self.readers:
                 self.readers[node.target].append(node)
-            elif node.op == "call_module":
-                prefix = node.target + "."
+            elif node.op == "call_module" or node in self.folded:
+                prefixes = tuple(m + "." for m in self.folded.get(node, (node.target,)))
                 for n in tensors:
-                    if n.startswith(prefix):
+                    if n.startswith(prefixes):
                         self.readers[n].append(node)
         self.mutated = self._link_mutations()
 
@@ -231,6 +233,51 @@ class _Trace:
             gm.graph.eliminate_dead_code()  # needs the owning module to judge call_module nodes
             gm.recompile()
         return gm
+
+
+def conv_bn(x, weight, bias, gamma, beta, mean, var, eps, stride, padding, dilation, groups):
+    """An evaluation-mode `BatchNorm2d(Conv2d(x))` as one convolution with the normalization folded
+    into its weight and bias (computed on every call, so substituted values of either take effect)."""
+    scale = torch.rsqrt(var + eps)
+    if gamma is not None:
+        scale = scale * gamma
+    shift = -mean * scale if bias is None else (bias - mean) * scale
+    if beta is not None:
+        shift = shift + beta
+    return F.conv2d(x, weight * scale.reshape(-1, 1, 1, 1), shift, stride, padding, dilation, groups)
+
+
+def _fold_batchnorm(gm: fx.GraphModule) -> dict[fx.Node, tuple[str, str]]:
+    """Replace every `bn(conv(x))` whose convolution output nothing else reads by one `conv_bn` call
+    reading both modules' tensors; return {new node: (conv name, bn name)}. Saves a pass over the activations (and a
+    temporary) per pair; evaluation mode only (the engine always evaluates in it)."""
+    modules = dict(gm.named_modules())
+    folded = {}
+    for node in list(gm.graph.nodes):
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        if type(bn) is not nn.BatchNorm2d or bn.running_mean is None or len(node.args) != 1 or node.kwargs:
+            continue
+        src = node.args[0]
+        conv = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
+        if (type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or len(src.users) != 1
+                or len(src.args) != 1 or src.kwargs or isinstance(conv.padding, str)):
+            continue
+        with gm.graph.inserting_before(node):
+            def attr(module_name: str, name: str, present: bool):
+                return gm.graph.get_attr(f"{module_name}.{name}") if present else None
+            args = (src.args[0], attr(src.target, "weight", True), attr(src.target, "bias", conv.bias is not None),
+                    attr(node.target, "weight", bn.weight is not None), attr(node.target, "bias", bn.bias is not None),
+                    attr(node.target, "running_mean", True), attr(node.target, "running_var", True),
+                    bn.eps, conv.stride, conv.padding, conv.dilation, conv.groups)
+            fused = gm.graph.call_function(conv_bn, args)
+        node.replace_all_uses_with(fused)
+        folded[fused] = (src.target, node.target)
+        gm.graph.erase_node(node)
+        gm.graph.erase_node(src)
+    if folded:
+        gm.graph.lint()
+        gm.recompile()
+    return folded
 
 
 def _bound_inplace(node: fx.Node) -> bool:

@@ -25,7 +25,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .data import Dataset, load_data
-from .engine import Engine, Perturbation
+from .engine import Engine, Perturbation, RunSettings
 from .errors import LayercritError
 from .layers import Unit, select_units
 from .probes import Interpolate, gaussian_noise
@@ -37,8 +37,8 @@ LOSSES = {"error": "accuracy", "cross-entropy": "loss"}
 
 
 @dataclass
-class ModcritConfig:
-    """Settings of a module-criticality computation (saved with its results)."""
+class ModcritConfig(RunSettings):
+    """Settings of a module-criticality computation (saved with its results); how it runs: `RunSettings`."""
 
     epsilon: list[float] = field(default_factory=lambda: [0.1])  # training-loss thresholds ε
     relative: bool = False  # ε counts above the trained model's own training loss
@@ -55,16 +55,15 @@ class ModcritConfig:
     granularity: str = "layer"  # "layer" or "block"
     include_norm: bool = False
     batch_size: int = 512
-    executor: str = "full"  # see engine.EXECUTORS
-    device: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.epsilon, (int, float)):
             self.epsilon = [float(self.epsilon)]
         if not self.epsilon or any(not (isinstance(e, (int, float)) and e >= 0) for e in self.epsilon):
             raise LayercritError(f"Expected `epsilon` to be non-negative numbers, got {self.epsilon!r}")
         self.epsilon = sorted(float(e) for e in self.epsilon)
-        for name, low in (("alphas", 2), ("noise_draws", 1), ("batch_size", 1)):
+        for name, low in (("alphas", 2), ("noise_draws", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise LayercritError(f"Expected `{name}` to be an integer ≥ {low}, got {v!r}")
@@ -255,8 +254,7 @@ def module_criticality(
         raise LayercritError(f"module criticality needs the labelled training set; {data.spec!r} has no labels")
     units = select_units(model, layers=config.layers, include_norm=config.include_norm, granularity=config.granularity)
     Interpolate(reference).check(model, units)
-    engine = Engine(model, data.x, data.y, config.batch_size, config.device, config.executor,
-                    measures=[LOSSES[config.loss]])
+    engine = Engine.from_config(model, data.x, data.y, config, measures=[LOSSES[config.loss]])
     base, _ = engine.evaluate([])
     base_loss = 1.0 - base["accuracy"] if config.loss == "error" else base["loss"]
     thresholds = [e + base_loss if config.relative else e for e in config.epsilon]
@@ -312,7 +310,7 @@ def module_criticality(
                         "train_loss": base_loss})
     resolved = asdict(config) | {"model": model_name, "data": data.spec, "data_identity": data.identity,
                                  "n": len(data), "bisection_steps": config.bisection_steps,
-                                 "base_train_loss": base_loss}
+                                 "base_train_loss": base_loss, **engine.stats()}
     return ModcritResult(table, curve_df, pd.DataFrame(network), total, resolved)
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoints import Run
-from .criticality import _row, measure
+from .criticality import MeasureConfig, _row, measure
 from .data import Dataset, load_data
 from .engine import Engine, Perturbation
 from .errors import LayercritError
@@ -139,7 +139,7 @@ def robustness(
     result = measure(model, dataset, factory=run.factory(), model_name=name, progress=progress, probes=probes,
                      groups=groups, **settings)
     # The paper's reference row: the whole model at each checkpoint, BN statistics included.
-    engine = Engine(model, dataset.x, dataset.y, result.config["batch_size"], result.config["device"], result.config["executor"], progress)
+    engine = Engine.from_config(model, dataset.x, dataset.y, MeasureConfig(**settings), progress)
     whole = [Perturbation(e, (lambda e=e: run.state_dict(e))) for e in epochs]
     base, values = engine.evaluate(whole, desc=f"{name}: checkpoints")
     n_all = sum(p.numel() for p in model.parameters())

@@ -91,6 +91,8 @@ def config_hash(entry: ZooEntry, probe: str, data: Dataset) -> str:
         "include_norm": s.get("include_norm", False), "granularity": s.get("granularity", "layer"),
         "label_style": s.get("label_style", "auto"),
     }
+    if s.get("autocast"):  # mixed precision changes the numbers (the executor does not); absent: earlier hashes hold
+        key["autocast"] = s["autocast"]
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -149,6 +151,7 @@ def run_item(entry: ZooEntry, item: WorkItem, device: str | None = None, threads
         trials=max(item.trials) + 1, trial_ids=item.trials, seed=s.get("seed", 0), layers=s.get("layers"),
         units=item.units, include_norm=s.get("include_norm", False), granularity=s.get("granularity", "layer"),
         label_style=s.get("label_style", "auto"), batch_size=s.get("batch_size", 256), device=device,
+        executor=s.get("executor", "auto"), autocast=s.get("autocast"), compile=s.get("compile", False),
     )
     table = result.table.astype(object).where(result.table.notna(), None)
     rows = table.to_dict("records")

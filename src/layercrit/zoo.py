@@ -45,6 +45,9 @@ SETTINGS: dict[str, tuple[Any, str]] = {
     "granularity": (str, "'layer' or 'block'"),
     "label_style": (str, "'auto', 'name', 'gavrikov' or 'zhang'"),
     "batch_size": (int, "a positive integer"),
+    "executor": (str, "'auto', 'incremental' or 'full'"),
+    "autocast": (str, "'bf16' or 'fp16'"),
+    "compile": (bool, "true or false"),
     "reference": (str, "a state-dict file for the reinit probe"),
     "model_args": (dict, "a table of constructor arguments"),
 }
@@ -121,6 +124,10 @@ def _check_setting(key: str, value: Any, where: str, problems: list[str]) -> Non
         ok = bool(value) and all(isinstance(p, str) and p in list_probes() for p in value)
     if ok and key == "granularity":
         ok = value in ("layer", "block")
+    if ok and key == "executor":
+        ok = value in ("auto", "incremental", "full")
+    if ok and key == "autocast":
+        ok = value in ("bf16", "fp16")
     if ok and key == "label_style":
         ok = value in ("auto", "name", "gavrikov", "zhang")
     if ok and key == "layers":
