@@ -366,3 +366,45 @@ def test_run_settings_are_validated():
                          ({"autocast": "int8"}, "Expected `autocast` to be None, 'bf16' or 'fp16', got 'int8'")):
         with pytest.raises(LayercritError, match=message):
             measure(model, x, factory=TinyMLP, **bad)
+
+
+@pytest.mark.parametrize("executor", ["full", "incremental"])
+def test_compile_flag_runs_the_same_numbers(executor):
+    """The torch.compile path, with the "eager" backend (graph capture without code generation: quick, no compiler)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, x = TinyResNet(), torch.randn(6, 1, 8, 8)
+    settings = dict(factory=TinyResNet, trials=1, layers=["conv1", "fc"], executor=executor)
+    _assert_same(measure(model, x, **settings), measure(model, x, compile="eager", **settings))
+
+
+class Deep(nn.Module):
+    """Linear layers are called modules (not folded): every region's graph calls the same objects."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(256, 256), nn.ReLU())])
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x):
+        return self.head(self.layers(x))
+
+
+@pytest.mark.parametrize("cls", [Deep, TinyResNet])
+def test_regions_on_worker_threads_equal_one_at_a_time(cls):
+    """Regions run concurrently on the CPU; a probed module that other regions' graphs also call
+    must not leak its new values into the regions running beside it."""
+    torch.manual_seed(0)
+    model = cls()
+    before = snapshot(model)
+    x, y = _data((256,) if cls is Deep else (1, 8, 8), n=512)
+    perts = _perturbations(model, 2)
+    serial = Engine(model, x, y, batch_size=256, executor=IncrementalExecutor(model, workers=1)).evaluate(perts)
+    for _ in range(2):  # a race shows as a difference in some run
+        threaded = Engine(model, x, y, batch_size=256, executor=IncrementalExecutor(model, workers=2)).evaluate(perts)
+        _assert_close(serial, threaded)
+    _assert_close(Engine(model, x, y, batch_size=256, executor="full").evaluate(perts), serial)
+    assert torch.get_num_threads() == 2  # restored after the workers
+    assert_same_state(model, before)
+    with pytest.raises(LayercritError, match="Expected `workers` to be a positive integer, got 0"):
+        IncrementalExecutor(model, workers=0)

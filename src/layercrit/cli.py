@@ -82,7 +82,8 @@ def _add_engine_args(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--batch-trials", action=argparse.BooleanOptionalAction, default=None,
                    help="evaluate the draws of one layer in one vmapped pass (default: on CUDA only)")
     p.add_argument("--autocast", choices=["bf16", "fp16"], help="CUDA mixed precision (measures stay fp32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the evaluated graphs")
+    p.add_argument("--compile", nargs="?", const=True, default=False, metavar="BACKEND",
+                   help="torch.compile the evaluated graphs (default backend inductor; needs a C++ compiler on the CPU)")
 
 
 def _engine_settings(args) -> dict:

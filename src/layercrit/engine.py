@@ -110,10 +110,10 @@ class FullForward(Executor):
 
     name = "full"
 
-    def __init__(self, model: nn.Module, compile: bool = False) -> None:
+    def __init__(self, model: nn.Module, compile: bool | str = False) -> None:
         super().__init__(model)
         # Parameters are written in place, so one compiled graph serves every substitution.
-        self._forward = torch.compile(model) if compile else model
+        self._forward = compiled(model, compile)
 
     def start_batch(self, x: torch.Tensor) -> torch.Tensor:
         self._x = x
@@ -130,6 +130,13 @@ class FullForward(Executor):
 _AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def compiled(fn: Callable, compile: bool | str) -> Callable:
+    """`fn` itself, or `torch.compile(fn)` (True: the default backend; a string: that backend)."""
+    if compile is False:
+        return fn
+    return torch.compile(fn) if compile is True else torch.compile(fn, backend=compile)
+
+
 @dataclass
 class RunSettings:
     """How evaluations run (the `Engine` arguments); analysis configs extend it. Changes speed and
@@ -141,7 +148,7 @@ class RunSettings:
     memory_budget: int | None = None  # bytes kept per batch by the incremental executor (None: 1 GiB)
     batch_trials: bool | None = None  # vmap the draws of one layer together (None: on CUDA)
     autocast: str | None = None  # "bf16"/"fp16": CUDA autocast, measures in fp32; ignored off CUDA
-    compile: bool = False  # torch.compile what the executor runs
+    compile: bool | str = False  # torch.compile what the executor runs (a string: that backend)
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
@@ -153,6 +160,8 @@ class RunSettings:
             raise LayercritError(f"Expected `memory_budget` to be a positive number of bytes, got {budget!r}")
         if self.autocast not in _AUTOCAST:
             raise LayercritError(f"Expected `autocast` to be None, 'bf16' or 'fp16', got {self.autocast!r}")
+        if not isinstance(self.compile, (bool, str)):
+            raise LayercritError(f"Expected `compile` to be true, false or a torch.compile backend name, got {self.compile!r}")
 
 
 def _first_line(e: BaseException) -> str:
@@ -181,7 +190,8 @@ class Engine:
         channels_last: feed 4-D batches in channels-last layout (faster convolutions on CUDA and
             with oneDNN on the CPU; the numbers differ only by round-off). None (default): when the
             inputs are 4-D and the model has a `Conv2d`.
-        compile: `torch.compile` what the executor runs (any device; compiling takes time).
+        compile: `torch.compile` what the executor runs (any device; compiling takes time); True for
+            the default backend (inductor) or a backend name.
         memory_budget: bytes of intermediate values the incremental executor keeps per batch
             (None: its default, `executors.DEFAULT_MEMORY_BUDGET`); larger batches run in sub-batches.
         batch_trials: run the perturbations of one layer together in one vmapped pass (True/False;
@@ -207,7 +217,7 @@ class Engine:
         *,
         autocast: str | None = None,
         channels_last: bool | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         memory_budget: int | None = None,
         batch_trials: bool | None = None,
     ) -> None:
@@ -235,7 +245,7 @@ class Engine:
         if isinstance(executor, Executor):
             self.executor = executor
         else:
-            options = {"compile": True} if compile else {}
+            options = {"compile": compile} if compile else {}
             if executor != "full":
                 options |= {k: v for k, v in (("memory_budget", memory_budget), ("batch_trials", batch_trials)) if v is not None}
             self.executor = EXECUTORS.get(executor)(model, **options)

@@ -15,6 +15,7 @@ trace does not reproduce the model's output, run with the full forward after one
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import math
@@ -22,6 +23,7 @@ import operator
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.node import map_arg
 
-from .engine import EXECUTORS, Executor, FullForward, eval_mode, logits_of
+from .engine import EXECUTORS, Executor, FullForward, compiled, eval_mode, logits_of
 from .errors import LayercritError
 from .probes import substitute
 
@@ -193,9 +195,9 @@ class _Trace:
             return _Region(names, unaffected=True)
         ordered = [n for n in self.nodes if n in down]
         frontier = [n for n in self.nodes if n not in down and n.op != "get_attr" and any(u in down for u in n.users)]
-        return _Region(names, nodes=ordered, frontier=frontier, gm=self._region_module(ordered, frontier))
+        return _Region(names, nodes=ordered, frontier=frontier, gm=self._region_module(ordered, frontier, names))
 
-    def _region_module(self, nodes: list[fx.Node], frontier: list[fx.Node]) -> fx.GraphModule:
+    def _region_module(self, nodes: list[fx.Node], frontier: list[fx.Node], names: frozenset[str]) -> fx.GraphModule:
         g = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         inside = set(nodes)
@@ -211,7 +213,16 @@ class _Trace:
 
         for node in nodes:
             env[node] = g.node_copy(node, arg)
-        return fx.GraphModule(self.gm, g)
+        gm = fx.GraphModule(self.gm, g)
+        # `functional_call` swaps the new values into the region's modules for the call. Parameters
+        # read by `get_attr` sit on modules of the region's own; a called module owning a changed
+        # parameter is shared with the model (and other regions), so the region gets its own shallow
+        # copy of it (same tensors): regions can then run concurrently without seeing each other's values.
+        for node in g.nodes:
+            if node.op == "call_module" and any(n.startswith(node.target + ".") for n in names):
+                parent, _, leaf = node.target.rpartition(".")
+                setattr(gm.get_submodule(parent), leaf, _shallow_copy(gm.get_submodule(node.target)))
+        return gm
 
     def keeper(self, kept: Sequence[fx.Node], with_output: bool) -> fx.GraphModule:
         """The unmodified graph returning `(output, kept values)` (or only the kept values, with
@@ -278,6 +289,14 @@ def _fold_batchnorm(gm: fx.GraphModule) -> dict[fx.Node, tuple[str, str]]:
         gm.graph.lint()
         gm.recompile()
     return folded
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` (and its children) with its own parameter/buffer tables, sharing the tensors."""
+    twin = copy.copy(module)
+    twin._parameters, twin._buffers = dict(module._parameters), dict(module._buffers)
+    twin._modules = {k: None if m is None else _shallow_copy(m) for k, m in module._modules.items()}
+    return twin
 
 
 def _bound_inplace(node: fx.Node) -> bool:
@@ -347,7 +366,9 @@ class IncrementalExecutor(Executor):
             values: True, False, or None (automatic: on CUDA, where larger kernels pay; not on the
             CPU, where it measured no faster here and one at a time keeps results bitwise equal to
             the full forward's).
-        compile: `torch.compile` each region (and the unmodified graph).
+        compile: `torch.compile` each region (and the unmodified graph): True or a backend name.
+        workers: regions (the perturbations of different layers) computed at once, each on one
+            thread; None: as many as torch's intra-op threads on the CPU, one on other devices.
 
     Attributes:
         fallback_reason: why the model runs with the full forward instead (None if it does not).
@@ -361,7 +382,8 @@ class IncrementalExecutor(Executor):
         model: nn.Module,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         batch_trials: bool | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
+        workers: int | None = None,
     ) -> None:
         super().__init__(model)
         if not isinstance(memory_budget, int) or isinstance(memory_budget, bool) or memory_budget < 1:
@@ -369,6 +391,9 @@ class IncrementalExecutor(Executor):
         self.memory_budget = memory_budget
         self.batch_trials = batch_trials
         self.compile = compile
+        if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+            raise LayercritError(f"Expected `workers` to be a positive integer, got {workers!r}")
+        self.workers = workers
         self.peak_bytes = 0
         self.fallback_reason: str | None = None
         self._full: FullForward | None = None
@@ -432,8 +457,7 @@ class IncrementalExecutor(Executor):
         if nodes not in self._keeps:
             keeper = self._trace.keeper(nodes, with_output=True)
             prefix = self._trace.keeper(nodes, with_output=False)
-            if self.compile:
-                keeper, prefix = torch.compile(keeper), torch.compile(prefix)
+            keeper, prefix = compiled(keeper, self.compile), compiled(prefix, self.compile)
             self._keeps[nodes] = _Keep(nodes, keeper, prefix)
         return _Plan(key, regions, self._keeps[nodes])
 
@@ -561,22 +585,51 @@ class IncrementalExecutor(Executor):
         for i, region in enumerate(plan.regions):
             groups.setdefault(id(region), []).append(i)
         kept_bytes = _storage_bytes(kept.values())
+        jobs: list[tuple[_Region, list[int]]] = []
         for idx in groups.values():
             region = plan.regions[idx[0]]
             if region.unaffected:
                 for i in idx:
                     out[i] = logits
-                continue
-            if region.full:
+            elif region.full:  # writes into the model: never while regions run
                 for i in idx:
                     with substitute(self.model, perturbations[i]):
                         out[i] = logits_of(self.model(x))
-                continue
+            else:
+                jobs.append((region, idx))
+
+        def job(region: _Region, idx: list[int]) -> tuple[list[int], list[torch.Tensor]]:
             args = tuple(x if f.op == "placeholder" else kept[f] for f in region.frontier)
             values = [self._region_values(region, perturbations[i]) for i in idx]
-            for i, q in zip(idx, self._run_region(region, args, values, len(x), kept_bytes)):
+            return idx, self._run_region(region, args, values, len(x), kept_bytes)
+
+        for idx, qs in self._map(job, jobs, x):
+            for i, q in zip(idx, qs):
                 out[i] = q
         return out
+
+    def _map(self, job: Callable, jobs: list[tuple[_Region, list[int]]], x: torch.Tensor) -> Iterable:
+        """`job(*j)` for each of `jobs`: on the CPU, concurrently on `workers` threads with one
+        intra-op thread each (small convolutions use two cores better as two problems than as one),
+        biggest regions first; else one after the other."""
+        workers = min(len(jobs), self.workers if self.workers is not None else
+                      (torch.get_num_threads() if x.device.type == "cpu" else 1))
+        if workers < 2 or torch.is_autocast_enabled():
+            return [job(*j) for j in jobs]
+        grad = torch.is_grad_enabled()  # thread-local: carried into the workers
+
+        def run(j):
+            with torch.set_grad_enabled(grad):
+                return job(*j)
+
+        ordered = sorted(jobs, key=lambda j: -len(j[0].nodes) * len(j[1]))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="layercrit") as pool:
+                return list(pool.map(run, ordered))
+        finally:
+            torch.set_num_threads(threads)
 
     def _region_values(self, region: _Region, values: Values) -> dict[str, torch.Tensor]:
         """`values` under every name the region's module knows them by (tied parameters), as the
@@ -631,12 +684,12 @@ class IncrementalExecutor(Executor):
         return out
 
 
-def _runner(gm: fx.GraphModule, compile: bool) -> Callable[[dict, tuple], torch.Tensor]:
+def _runner(gm: fx.GraphModule, compile: bool | str) -> Callable[[dict, tuple], torch.Tensor]:
     def run(params: dict[str, torch.Tensor], args: tuple) -> torch.Tensor:
         # The values replace the region module's own parameters for this call only: nothing is written.
         return logits_of(torch.func.functional_call(gm, params, args))
 
-    return torch.compile(run) if compile else run
+    return compiled(run, compile)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, str]:

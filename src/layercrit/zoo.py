@@ -47,7 +47,7 @@ SETTINGS: dict[str, tuple[Any, str]] = {
     "batch_size": (int, "a positive integer"),
     "executor": (str, "'auto', 'incremental' or 'full'"),
     "autocast": (str, "'bf16' or 'fp16'"),
-    "compile": (bool, "true or false"),
+    "compile": ((bool, str), "true, false or a torch.compile backend name"),
     "reference": (str, "a state-dict file for the reinit probe"),
     "model_args": (dict, "a table of constructor arguments"),
 }
