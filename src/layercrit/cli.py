@@ -22,6 +22,7 @@ from . import __version__
 from .checkpoints import build_model, load_state_dict
 from .criticality import measure
 from .data import Dataset, load_data
+from .engine import EXECUTORS
 from .errors import LayercritError
 from .io import check_output_path
 from .layers import list_layers
@@ -74,7 +75,7 @@ def _add_engine_args(p: argparse.ArgumentParser, batch_size: int) -> None:
     """How the evaluations run: batch size, device, executor and the speed options."""
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: the model's, i.e. cpu)")
-    p.add_argument("--executor", default="auto", choices=["auto", "incremental", "full"],
+    p.add_argument("--executor", default="auto", choices=EXECUTORS.list(),
                    help="auto (default): recompute only what each probe changes when the model traces with "
                         "torch.fx, else the whole model; full: the whole model for every probe")
     p.add_argument("--memory-budget", type=float, metavar="MiB",

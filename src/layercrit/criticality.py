@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .data import Dataset, load_data
 from .engine import Engine, Perturbation, RunSettings
-from .errors import LayercritError
+from .errors import LayercritError, check_int
 from .layers import select_units
 from .probes import PROBES, Probe, Reinit, Rerandomize
 from .results import ROW_COLUMNS, UNMODIFIED, VALUE_COLUMNS, CriticalityResult
@@ -45,14 +45,11 @@ class MeasureConfig(RunSettings):
         super().__post_init__()
         if isinstance(self.probes, str):
             self.probes = [self.probes]
-        if not isinstance(self.trials, int) or isinstance(self.trials, bool) or self.trials < 1:
-            raise LayercritError(f"Expected `trials` to be a positive integer, got {self.trials!r}")
+        check_int("trials", self.trials)
         for name in ("seed", "data_seed"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise LayercritError(f"Expected `{name}` to be a non-negative integer, got {v!r}")
-        if self.images is not None and (not isinstance(self.images, int) or isinstance(self.images, bool) or self.images < 1):
-            raise LayercritError(f"Expected `images` to be a positive integer, got {self.images!r}")
+            check_int(name, getattr(self, name), low=0)
+        if self.images is not None:
+            check_int("images", self.images)
         if not self.probes:
             raise LayercritError("Expected at least one probe")
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .errors import LayercritError
+from .errors import LayercritError, check_int
 from .measures import MeasureSums, sample_measures
 from .probes import substitute
 from .registry import Registry
@@ -130,6 +130,11 @@ class FullForward(Executor):
 _AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _check_autocast(value: object) -> None:
+    if value not in _AUTOCAST:
+        raise LayercritError(f"Expected `autocast` to be None, 'bf16' or 'fp16', got {value!r}")
+
+
 def compiled(fn: Callable, compile: bool | str) -> Callable:
     """`fn` itself, or `torch.compile(fn)` (True: the default backend; a string: that backend)."""
     if compile is False:
@@ -151,15 +156,12 @@ class RunSettings:
     compile: bool | str = False  # torch.compile what the executor runs (a string: that backend)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
-            raise LayercritError(f"Expected `batch_size` to be a positive integer, got {self.batch_size!r}")
+        check_int("batch_size", self.batch_size)
         if self.executor not in EXECUTORS:
             raise LayercritError(f"Expected `executor` to be one of {', '.join(EXECUTORS.list())}, got {self.executor!r}")
-        budget = self.memory_budget
-        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
-            raise LayercritError(f"Expected `memory_budget` to be a positive number of bytes, got {budget!r}")
-        if self.autocast not in _AUTOCAST:
-            raise LayercritError(f"Expected `autocast` to be None, 'bf16' or 'fp16', got {self.autocast!r}")
+        if self.memory_budget is not None:
+            check_int("memory_budget", self.memory_budget, expected="a positive number of bytes")
+        _check_autocast(self.autocast)
         if not isinstance(self.compile, (bool, str)):
             raise LayercritError(f"Expected `compile` to be true, false or a torch.compile backend name, got {self.compile!r}")
 
@@ -221,12 +223,10 @@ class Engine:
         memory_budget: int | None = None,
         batch_trials: bool | None = None,
     ) -> None:
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise LayercritError(f"Expected `batch_size` to be a positive integer, got {batch_size!r}")
+        check_int("batch_size", batch_size)
         if len(inputs) == 0:
             raise LayercritError("no evaluation samples")
-        if autocast not in _AUTOCAST:
-            raise LayercritError(f"Expected `autocast` to be None, 'bf16' or 'fp16', got {autocast!r}")
+        _check_autocast(autocast)
         self.model = model
         first = next(model.parameters(), None)
         self.device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.fx.node import map_arg
 
 from .engine import EXECUTORS, Executor, FullForward, compiled, eval_mode, logits_of
-from .errors import LayercritError
+from .errors import LayercritError, check_int
 from .probes import substitute
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "IncrementalExecutor", "auto_executor"]
@@ -386,13 +386,12 @@ class IncrementalExecutor(Executor):
         workers: int | None = None,
     ) -> None:
         super().__init__(model)
-        if not isinstance(memory_budget, int) or isinstance(memory_budget, bool) or memory_budget < 1:
-            raise LayercritError(f"Expected `memory_budget` to be a positive integer, got {memory_budget!r}")
+        check_int("memory_budget", memory_budget)
         self.memory_budget = memory_budget
         self.batch_trials = batch_trials
         self.compile = compile
-        if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
-            raise LayercritError(f"Expected `workers` to be a positive integer, got {workers!r}")
+        if workers is not None:
+            check_int("workers", workers)
         self.workers = workers
         self.peak_bytes = 0
         self.fallback_reason: str | None = None
@@ -472,9 +471,7 @@ class IncrementalExecutor(Executor):
         if self._full is not None:
             return self._full.start_batch(x)
         plan, kept = self._plan, None
-        if plan is not None:
-            self._estimate(plan, x)
-        if plan is not None and self._sub_batch(plan, x) >= len(x):
+        if plan is not None and self._sub_batch(plan, x) >= len(x):  # (estimates the plan's sizes first)
             out, values = plan.keep.keeper(x)
             kept = dict(zip(plan.keep.nodes, values))
             self._note_kept(values)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .data import Dataset, load_data
 from .engine import Engine, Perturbation, RunSettings
-from .errors import LayercritError
+from .errors import LayercritError, check_int
 from .layers import Unit, select_units
 from .probes import Interpolate, gaussian_noise
 from .seeding import derive_seed
@@ -64,9 +64,7 @@ class ModcritConfig(RunSettings):
             raise LayercritError(f"Expected `epsilon` to be non-negative numbers, got {self.epsilon!r}")
         self.epsilon = sorted(float(e) for e in self.epsilon)
         for name, low in (("alphas", 2), ("noise_draws", 1)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise LayercritError(f"Expected `{name}` to be an integer ≥ {low}, got {v!r}")
+            check_int(name, getattr(self, name), low, f"an integer ≥ {low}")
         if not 0 < self.sigma_min < 1:
             raise LayercritError(f"Expected `sigma_min` in (0, 1), got {self.sigma_min!r}")
         if not self.sigma_rtol > 0:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .checkpoints import apply_weights, load_checkpoint, save_checkpoint
 from .data import Dataset, held_out_spec, load_data
 from .engine import eval_mode, logits_of
-from .errors import LayercritError
+from .errors import LayercritError, check_int
 from .io import atomic_path
 from .models import factory_for_data
 from .seeding import generator
@@ -55,8 +55,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise LayercritError(f"Expected `{name}` to be a positive integer, got {v!r}")
+            check_int(name, v)
         if self.lr is not None and not self.lr > 0:
             raise LayercritError(f"Expected `lr` to be positive, got {self.lr!r}")
         if self.milestones is None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .engine import EXECUTORS
 from .errors import LayercritError
 from .probes import list_probes
 
@@ -125,7 +126,7 @@ def _check_setting(key: str, value: Any, where: str, problems: list[str]) -> Non
     if ok and key == "granularity":
         ok = value in ("layer", "block")
     if ok and key == "executor":
-        ok = value in ("auto", "incremental", "full")
+        ok = value in EXECUTORS
     if ok and key == "autocast":
         ok = value in ("bf16", "fp16")
     if ok and key == "label_style":

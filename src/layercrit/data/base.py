@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from ..errors import LayercritError
+from ..errors import LayercritError, check_int
 
 __all__ = ["Dataset", "standardize_uint8", "uint8_pixel_stats"]
 
@@ -52,8 +52,7 @@ class Dataset:
         """
         if n is None:
             return self
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise LayercritError(f"Expected `images` to be a positive integer, got {n!r}")
+        check_int("images", n)
         if n > len(self):
             raise LayercritError(f"asked for {n} images but data {self.spec!r} has only {len(self)}")
         rng = np.random.Generator(np.random.PCG64(seed))

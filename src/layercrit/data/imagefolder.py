@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from ..errors import LayercritError
+from ..errors import LayercritError, check_int
 from . import cache as _cache
 from .base import Dataset
 
@@ -182,8 +182,7 @@ def load_imagefolder(
         spec: the data spec recorded in the Dataset (default `imagefolder:<path>`).
     """
     for name, v in (("resize", resize), ("crop", crop)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise LayercritError(f"Expected `{name}` to be a positive integer, got {v!r}")
+        check_int(name, v)
     if crop > resize:
         raise LayercritError(f"Expected `crop` ({crop}) to be at most `resize` ({resize})")
     normalize = {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}
