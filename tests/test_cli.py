@@ -62,9 +62,12 @@ BAD = {
     "labels outside": ([*MEASURE[:6], "labels.npz", "--quiet"], "labels range over 0..9 but the model has 3 outputs"),
     "selector": ([*MEASURE, "--layers", "conv*"], "layer selector 'conv\\*' matches none"),
     "trials": ([*MEASURE, "--trials", "0"], "Expected `trials` to be a positive integer, got 0"),
-    "images": ([*MEASURE, "--images", "61"], "asked for 61 images but data 'd.npz' has only 60"),
+    "images": ([*MEASURE, "--images", "61", "--strict-images"], "asked for 61 images but data 'd.npz' has only 60"),
     "reinit without reference": ([*MEASURE, "--probe", "reinit"], "--probe reinit needs --reference"),
-    "out folder": ([*MEASURE, "--out", "nodir/r.csv"], "output folder 'nodir' does not exist"),
+    "interpolate without reference": ([*MEASURE, "--probe", "interpolate"], "--probe interpolate needs --reference"),
+    "interpolate alpha": ([*MEASURE, "--probe", "interpolate", "--reference", "w.pt", "--alpha", "2"],
+                          r"Expected `alpha` to be in \[0, 1\], got 2"),
+    "out folder": ([*MEASURE, "--out", "w.pt/r.csv"], "output folder 'w.pt' cannot be created: 'w.pt' is a file"),
     "out extension": ([*MEASURE, "--out", "r.txt"], "unsupported extension"),
     "bad flag": (["measure", "--model", "fcn-3x256", "--data", "digits", "--trials", "x"], "invalid int value"),
     "factory raises": (["layers", "--model", "userfcn.py:broken"], "model factory 'userfcn.py:broken' raised RuntimeError: no"),
@@ -132,3 +135,103 @@ def test_demo_end_to_end(tmp_path):
     reinit = t[t["probe"] == "reinit"].set_index("layer")["criticality"]
     assert (layers > reinit.reindex(layers.index) + 0.2).all(), (layers, reinit)  # a measured outcome
     assert t[t["probe"] == "none"]["accuracy"].iloc[0] > 0.9
+
+
+def test_images_above_the_data_size_use_all_of_it_with_a_warning_and_out_folders_are_created(work):
+    r = run(*MEASURE, "--trials", "1", "--images", "10000", "--out", "new/deeper/r.csv", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == "layercrit: warning: asked for 10000 images but data 'd.npz' has only 60; using all 60"
+    assert (pd.read_csv(work / "new" / "deeper" / "r.csv")["n"] == 60).all()
+
+
+def test_interpolate_probe_from_the_cli(work):
+    r = run(*MEASURE, "--probe", "interpolate", "--reference", "w.pt", "--alpha", "1", "--out", "i.csv", cwd=work)
+    assert r.returncode == 0, r.stderr
+    t = pd.read_csv(work / "i.csv")
+    rows = t[t["probe"] == "interpolate"]
+    assert len(rows) == 2 and (rows["criticality"].abs() < 1e-6).all()  # α = 1 is the model itself
+    assert (rows["target"] == "alpha=1,sigma=0").all()
+
+
+def _help(command: str) -> str:
+    """`layercrit COMMAND --help` as printed (in-process: argparse exits after printing)."""
+    import contextlib
+    import io
+
+    from layercrit.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    return " ".join(buf.getvalue().split())  # wrapping aside
+
+
+def test_help_is_complete_for_every_command(monkeypatch):
+    """Every command has a description and help for every argument; plot kinds and probes are described
+    by their docstrings' whole first sentence (not a line cut mid-sentence); every probe and data spec
+    is listed where a command takes them."""
+    import argparse
+
+    from layercrit.cli import _first_sentence, build_parser
+    from layercrit.data import SPECS
+    from layercrit.plots import PLOTS
+    from layercrit.probes import PROBES, list_probes
+
+    monkeypatch.setenv("COLUMNS", "80")
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, p in sub.choices.items():
+        text = _help(name)
+        assert p.description and " ".join(p.description.split()) in text, name
+        for action in p._actions:
+            assert action.help, (name, action.dest)
+        options = {o for a in p._actions for o in a.option_strings}
+        if options & {"--data", "--test-data"}:
+            for form, what in SPECS.items():
+                assert f"{form}: {' '.join(what.split())}" in text, (name, form)
+    plot = _help("plot")
+    for kind, fn in PLOTS.items():
+        sentence = _first_sentence(fn.__doc__)
+        assert sentence.endswith(")") or sentence.endswith("."), (kind, sentence)  # a whole sentence
+        assert f"{kind}: {sentence}" in plot, kind
+    assert _first_sentence("A b\nc. D e.\n\nMore.") == "A b c."
+    measure_help = _help("measure")
+    for name in list_probes():
+        assert f"{name}: {_first_sentence(PROBES.get(name).__doc__)}" in measure_help, name
+    assert "--alpha" in measure_help and "--sigma" in measure_help and "--strict-images" in measure_help
+
+
+def test_train_into_a_new_folder_then_modcrit_plots_find_their_companion_files(work, monkeypatch):
+    """`train --out runs/fcn` needs no mkdir; the training bar has a total in batches; `plot
+    modcrit-curves --results m.csv` reads m.curve.csv, network-vs-epsilon m.network.csv, and a
+    missing companion is named in the error."""
+    import layercrit.training as training
+
+    r = run("train", "--model", "userfcn.py:make", "--data", "d.npz", "--test-data", "d.npz", "--epochs", "2",
+            "--out", "runs/fcn", "--quiet", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert (work / "runs" / "fcn" / "manifest.json").is_file()
+    r = run("modcrit", "runs/fcn", "--fast", "--alphas", "3", "--noise-draws", "2", "--out", "mc/m.csv", "--quiet", cwd=work)
+    assert r.returncode == 0, r.stderr
+    for kind in ("modcrit-curves", "network-vs-epsilon"):
+        r = run("plot", kind, "--results", "mc/m.csv", "--out", f"figs/{kind}.png", cwd=work)
+        assert r.returncode == 0, r.stderr
+        assert (work / "figs" / f"{kind}.png").stat().st_size > 1000
+    (work / "mc" / "m.network.csv").unlink()
+    r = run("plot", "network-vs-epsilon", "--results", "mc/m.curve.csv", "--out", "x.png", cwd=work)
+    assert r.returncode == 2 and "'mc/m.network.csv' does not exist" in r.stderr and "FILE.network.csv" in r.stderr
+    # the training bar counts SGD batches of all epochs: a total and an ETA from the first batches on
+    bars = []
+
+    class Recording(training.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            bars.append(self)
+
+    monkeypatch.setattr(training, "tqdm", Recording)
+    config = training.TrainConfig(model=str(work / "userfcn.py") + ":make", data=str(work / "d.npz"),
+                                  test_data=str(work / "d.npz"), epochs=3, batch_size=16)
+    training.train(config, work / "runs" / "bar", progress=True)
+    (bar,) = bars
+    assert bar.total == 3 * 4 and bar.n == bar.total  # 60 samples in batches of 16: 4 a epoch

@@ -35,8 +35,8 @@ META = {  # category, ImageNet accuracy in %
 
 
 def _expected_avg() -> dict[str, float]:
-    """Average criticality in %: mean over trials, then over layers, of 1 − cos."""
-    return {m: float(np.mean(np.mean(1 - np.array(v), axis=1)) * 100) for m, v in COS.items()}
+    """Average criticality (a fraction): mean over trials, then over layers, of 1 − cos."""
+    return {m: float(np.mean(np.mean(1 - np.array(v), axis=1))) for m, v in COS.items()}
 
 
 def _write_reference(folder, cos=COS, meta=META, name="results.csv"):
@@ -120,8 +120,6 @@ def test_import_keeps_a_swept_models_description(store, tmp_path):
     (lambda r, m: r.write_text(r.read_text().replace(",0.0,", ",0.5,", 1)), r"trial 0.5 is not a whole number"),
     (lambda r, m: r.write_text(r.read_text().replace("\n7.0000,", "\n107.0000,", 1)), r"top1_acc 107.0 is outside 0..100"),
     (lambda r, m: r.write_text(r.read_text().replace(",0.3,", ",1.5,", 1)), r"pred_cos_sim 1.5 is outside -1..1"),
-    (lambda r, m: m.write_text("\n".join(m.read_text().splitlines()[:-2]) + "\n"),
-     r"has no row for models aug_b, ssl"),
     (lambda r, m: m.write_text(m.read_text() + "base,baseline,1,1\n"), r"lists model 'base' twice"),
     (lambda r, m: r.write_text(r.read_text().splitlines()[0] + "\n"), r"has no rows"),
 ])
@@ -130,6 +128,25 @@ def test_reference_validation(tmp_path, edit, match):
     edit(results, metadata)
     with pytest.raises(LayercritError, match=match):
         read_reference(results, metadata)
+
+
+def test_models_without_metadata_are_imported_as_unknown(tmp_path):
+    results, metadata = _write_reference(tmp_path)
+    metadata.write_text("\n".join(metadata.read_text().splitlines()[:-2]) + "\n")
+    with Store(tmp_path / "s.sqlite") as store:
+        with pytest.warns(UserWarning, match=r"has no row for models aug_b, ssl; imported with category 'unknown'") as w:
+            assert import_reference(results, metadata, store) == 54
+        assert len(w) == 1  # one warning naming them all
+        models = store.models().set_index("model")
+        assert models.loc["aug_b", "category"] == models.loc["ssl", "category"] == "unknown"
+        assert pd.isna(models.loc["ssl", "accuracy"]) and models.loc["aug_a", "accuracy"] == 77.53
+        c = summarize(store)
+        assert c.correlations.loc[0, "n"] == 4  # no accuracy: left out of the correlation
+        # Imported again without their rows, models the store already describes keep their description.
+        store.put_model("ssl", "contrastive", {"accuracy": 72.8})
+        with pytest.warns(UserWarning, match="no row for models aug_b, ssl"):
+            assert import_reference(results, metadata, store) == 0
+        assert store.models().set_index("model").loc["ssl", "category"] == "contrastive"
 
 
 def test_cosine_tolerance(tmp_path):
@@ -148,16 +165,16 @@ def test_model_averages_and_layer_marginals(store):
     m = c.models.set_index("model")
     assert list(c.models["model"]) == list(COS)
     assert list(c.models.columns) == ["model", "category", "avg_criticality", "std_criticality", "n_layers", "trials",
-                                      "accuracy", "base_accuracy"]
+                                      "meta_accuracy", "base_accuracy"]
     for model, v in COS.items():
-        per_layer = np.mean(1 - np.array(v), axis=1) * 100
+        per_layer = np.mean(1 - np.array(v), axis=1)
         assert m.loc[model, "avg_criticality"] == pytest.approx(expected[model])
         assert m.loc[model, "std_criticality"] == pytest.approx(np.std(per_layer))  # ddof=0, as the paper's margins
-        assert m.loc[model, "category"] == META[model][0] and m.loc[model, "accuracy"] == META[model][1]
+        assert m.loc[model, "category"] == META[model][0] and m.loc[model, "meta_accuracy"] == META[model][1]
     assert (c.models["n_layers"] == 3).all() and (c.models["trials"] == 3).all()
     assert c.models["base_accuracy"].isna().all()  # the reference drops the unmodified model's row
 
-    cells = np.array([np.mean(1 - np.array(v), axis=1) * 100 for v in COS.values()])  # models × layers
+    cells = np.array([np.mean(1 - np.array(v), axis=1) for v in COS.values()])  # models × layers
     assert list(c.layers["label"]) == LABELS
     np.testing.assert_allclose(c.layers["mean"], cells.mean(axis=0))
     np.testing.assert_allclose(c.layers["std"], cells.std(axis=0))
@@ -172,7 +189,7 @@ def test_categories(store):
     assert cats.loc["adversarial", "avg_criticality"] == pytest.approx((expected["adv_a"] + expected["adv_b"]) / 2)
     assert cats.loc["adversarial", "n_models"] == 2
     cl = c.category_layers.set_index(["category", "label"])
-    want = np.mean([np.mean(1 - np.array(COS[m][2])) for m in ("aug_a", "aug_b")]) * 100
+    want = np.mean([np.mean(1 - np.array(COS[m][2])) for m in ("aug_a", "aug_b")])
     assert cl.loc[("augmentation", "[Head] fc"), "mean"] == pytest.approx(want)
     assert len(cl) == 12
 
@@ -187,7 +204,8 @@ def _expected_corr(models):
 def test_correlations_with_and_without_excluded_categories(store):
     c = summarize(store, exclude_categories=["adversarial", "contrastive"])
     corr = c.correlations.set_index("subset")
-    assert list(c.correlations.columns) == ["against", "subset", "n", "spearman_r", "spearman_p", "kendall_tau", "kendall_p"]
+    assert list(c.correlations.columns) == ["against", "subset", "n", "spearman_r", "spearman_p", "kendall_tau", "kendall_p",
+                                            "note"]
     assert list(corr.index) == ["all", "excluding adversarial", "excluding contrastive",
                                 "excluding adversarial, contrastive"]
     subsets = {
@@ -199,7 +217,8 @@ def test_correlations_with_and_without_excluded_categories(store):
     for name, models in subsets.items():
         s, k = _expected_corr(models)
         row = corr.loc[name]
-        assert row["against"] == "accuracy" and row["n"] == len(models)
+        assert row["against"] == "meta_accuracy" and row["n"] == len(models)
+        assert (row["note"] != "") == (len(models) < 5)  # n = 3: too few for a test, and said so
         assert (row["spearman_r"], row["spearman_p"]) == (pytest.approx(s.statistic), pytest.approx(s.pvalue))
         assert (row["kendall_tau"], row["kendall_p"]) == (pytest.approx(k.statistic), pytest.approx(k.pvalue))
     assert corr.loc["all", "spearman_r"] < -0.5  # the adversarial models: less accurate, more critical layers
@@ -209,10 +228,12 @@ def test_correlation_undefined_for_few_models_or_constants(store):
     c = summarize(store, by=["accuracy", "epochs"], exclude_categories="augmentation")
     corr = c.correlations.set_index(["against", "subset"])
     # epochs: missing for ssl (dropped), constant 90 for the rest.
-    assert corr.loc[("epochs", "all"), "n"] == 5
-    assert math.isnan(corr.loc[("epochs", "all"), "spearman_r"])
+    assert corr.loc[("meta_epochs", "all"), "n"] == 5
+    assert math.isnan(corr.loc[("meta_epochs", "all"), "spearman_r"])
+    assert corr.loc[("meta_epochs", "all"), "note"] == "constant values: no ranking, no correlation"
     sub = summarize(store.results(models=["base", "adv_a"]), store.models())
     assert sub.correlations["n"].tolist() == [2] and sub.correlations["kendall_tau"].isna().all()
+    assert sub.correlations["note"].tolist() == ["n = 2: fewer than 3 values, no rank correlation"]
 
 
 def test_spread_over_trials(store):
@@ -220,9 +241,9 @@ def test_spread_over_trials(store):
     assert len(spread) == 18
     assert list(spread.columns) == ["model", "category", "layer", "label", "trials", "mean", "std", "sem"]
     row = spread[(spread["model"] == "aug_a") & (spread["label"] == "[0.0] conv")].iloc[0]
-    values = (1 - np.array(COS["aug_a"][0])) * 100
+    values = 1 - np.array(COS["aug_a"][0])
     assert row["mean"] == pytest.approx(values.mean())
-    assert row["std"] == pytest.approx(np.std(values, ddof=1))  # 17.32
+    assert row["std"] == pytest.approx(np.std(values, ddof=1))  # 0.1732
     assert row["sem"] == pytest.approx(np.std(values, ddof=1) / math.sqrt(3))
     assert spread.set_index(["model", "label"]).loc[("base", "[Head] fc"), "std"] == 0
 
@@ -232,9 +253,9 @@ def test_baseline_diff(store):
     d = c.baseline_diff
     assert len(d) == 15 and "base" not in set(d["model"])
     row = d[(d["model"] == "ssl") & (d["label"] == "[1.0] conv1")].iloc[0]
-    want = (np.mean(1 - np.array(COS["ssl"][1])) - np.mean(1 - np.array(COS["base"][1]))) * 100
-    assert row["diff"] == pytest.approx(want)  # 0.95 vs 0.8 similarity: 15 % less critical
-    assert row["diff"] == pytest.approx(-15)
+    want = np.mean(1 - np.array(COS["ssl"][1])) - np.mean(1 - np.array(COS["base"][1]))
+    assert row["diff"] == pytest.approx(want)  # 0.95 vs 0.8 similarity: 15 points less critical
+    assert row["diff"] == pytest.approx(-0.15)
     assert summarize(store).baseline_diff.empty
 
 
@@ -243,10 +264,11 @@ def test_json_shape(store):
     text = json.dumps(doc, allow_nan=False)  # NaN must already be null
     assert list(json.loads(text)) == ["models", "layers", "categories", "spread", "correlations", "baseline_diff"]
     assert set(doc["models"][0]) >= {"model", "category", "avg_criticality", "std_criticality", "n_layers", "trials",
-                                     "accuracy", "base_accuracy"}
+                                     "meta_accuracy", "base_accuracy"}
     assert doc["models"][0]["base_accuracy"] is None
     assert type(doc["models"][0]["n_layers"]) is int and type(doc["models"][0]["avg_criticality"]) is float
-    assert set(doc["correlations"][0]) == {"against", "subset", "n", "spearman_r", "spearman_p", "kendall_tau", "kendall_p"}
+    assert set(doc["correlations"][0]) == {"against", "subset", "n", "spearman_r", "spearman_p", "kendall_tau", "kendall_p",
+                                           "note"}
     assert len(doc["correlations"]) == 2 and len(doc["baseline_diff"]) == 15
     assert set(doc["layers"][0]) == {"label", "mean", "std", "n_models"}
 
@@ -274,7 +296,7 @@ def test_summarize_a_table_without_a_store():
     c = summarize(table, pd.DataFrame({"model": ["m1", "m2", "m3"], "category": ["x", "y", "y"]}),
                   probe="zero", by=["base_accuracy"])
     assert isinstance(c, Comparison)
-    np.testing.assert_allclose(c.models["avg_criticality"], [11, 21, 31])
+    np.testing.assert_allclose(c.models["avg_criticality"], [0.11, 0.21, 0.31])
     np.testing.assert_allclose(c.models["base_accuracy"], [0.9, 0.8, 0.7])
     assert c.correlations.iloc[0]["spearman_r"] == pytest.approx(-1)
     assert list(c.categories["category"]) == ["x", "y"]

@@ -62,3 +62,25 @@ def test_bad_specs(tmp_path):
         load_data("digits:val")
     with pytest.raises(LayercritError, match="unknown data spec"):
         load_data("imagenet")
+
+
+def test_subset_above_the_data_size_uses_all_of_it_with_a_warning_or_fails_when_strict():
+    d = load_data("digits")
+    with pytest.warns(UserWarning, match=f"asked for 10000 images but data '{d.spec}' has only {len(d)}; using all"):
+        assert d.subset(10_000, 0) is d
+    with pytest.raises(LayercritError, match=f"asked for 10000 images but data '{d.spec}' has only {len(d)}"):
+        d.subset(10_000, 0, strict=True)
+
+
+def test_non_finite_inputs_are_refused_naming_how_many_samples_and_the_first(tmp_path):
+    x = np.random.default_rng(0).normal(size=(20, 1, 4, 4)).astype(np.float32)
+    x[13, 0, 2, 1] = np.nan  # one NaN pixel in one sample...
+    x[17, 0, 0, 0] = np.inf  # ...and an inf in another
+    np.savez(tmp_path / "nan.npz", x=x, y=np.arange(20) % 3)
+    with pytest.raises(LayercritError, match=r"non-finite values \(NaN or inf\) in 2 of 20 samples \(first: sample 13\)"):
+        load_data(str(tmp_path / "nan.npz"))
+    from layercrit import Dataset
+
+    with pytest.raises(LayercritError, match=r"in 1 of 3 samples \(first: sample 2\)"):  # every format ends in a Dataset
+        Dataset(torch.tensor([[0.0], [1.0], [float("-inf")]]), None, spec="t")
+    Dataset(torch.arange(3).reshape(3, 1), None, spec="ints")  # integer inputs cannot hold NaN

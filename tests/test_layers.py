@@ -45,8 +45,12 @@ def test_transformer_like_module():
     assert layers[""].params == ("cls_token", "pos")  # root owns its own parameters
     assert layers["encoder.layers.0.attn"].kind == "MultiheadAttention"
     assert layers["encoder.layers.0.norm1"].is_norm
-    blocks = [u.name for u in select_units(model, granularity="block")]
-    assert blocks == ["", "patch", "encoder.layers.0", "encoder.layers.1", "head"]
+    blocks = [(u.name, u.label) for u in select_units(model, granularity="block")]
+    # the embeddings (the patch conv and the root's own cls_token and pos) and the head are one unit each;
+    # the final norm is part of the head but not probed (include_norm=False)
+    assert blocks == [("patch+cls_token+pos", "embed"), ("encoder.layers.0", "L00"), ("encoder.layers.1", "L01"), ("norm+head", "head")]
+    head = select_units(model, granularity="block", include_norm=True)[-1]
+    assert head.layers == ("norm", "head") and head.modules == ("norm", "head")
 
 
 def test_subclasses_and_custom_parameters_are_layers():
@@ -102,3 +106,52 @@ def test_wrapped_resnet_keeps_paper_labels():
     assert [u.label for u in blocks][:2] == ["stage0", "stage1.resblk1"]
     assert blocks[1].layers == ("model.layer1.0.conv1", "model.layer1.0.conv2")
     assert builtin_groups(model, "every-second-block")["every-second-block"] == ["model.layer1.1.*", "model.layer2.1.*"]
+
+
+def test_transformer_units_and_labels():
+    model = create_model("vit-tiny")
+    blocks = select_units(model, granularity="block")
+    assert [u.label for u in blocks] == ["embed", "L00", "L01", "L02", "L03", "head"]
+    assert [u.name for u in blocks] == ["patch_embed+cls_token+pos_embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "norm+head"]
+    assert blocks[0].params == ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias")
+    assert "blocks.1.norm1.weight" not in blocks[2].params  # norms follow include_norm
+    assert "blocks.1.norm1.weight" in select_units(model, granularity="block", include_norm=True)[2].params
+    attn = select_units(model, granularity="attn")
+    assert [(u.name, u.label) for u in attn][:2] == [("blocks.0.attn", "L00.attn"), ("blocks.1.attn", "L01.attn")]
+    assert attn[0].params == ("blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias", "blocks.0.attn.proj.weight", "blocks.0.attn.proj.bias")
+    mlp = select_units(model, granularity="mlp", layers=["L03*"])
+    assert [(u.name, u.label, u.modules) for u in mlp] == [("blocks.3.mlp", "L03.mlp", ("blocks.3.mlp",))]
+    labels = {la.name: la.label for la in list_layers(model)}
+    assert labels[""] == "embed.cls_token+pos_embed" and labels["patch_embed.proj"] == "embed.patch_embed.proj"
+    assert labels["blocks.2.attn.qkv"] == "L02.attn.qkv" and labels["blocks.2.mlp.fc2"] == "L02.mlp.fc2"
+    assert labels["blocks.2.norm1"] == "L02.norm1" and labels["norm"] == "head.norm" and labels["head"] == "head"
+    # globs match names and labels alike
+    assert [u.name for u in select_units(model, granularity="block", layers=["blocks.[12]"])] == ["blocks.1", "blocks.2"]
+    assert [u.name for u in select_units(model, layers=["L01.mlp.*"])] == ["blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
+    # label style "name" keeps module names
+    assert [u.label for u in select_units(model, granularity="block", label_style="name")][1] == "blocks.0"
+    assert list_layers(model, label_style="name")[0].label == "(root)"
+
+
+def test_tied_parameters_are_named_in_the_label():
+    from layercrit.testing import _EncoderBlock
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 8)
+            self.layers = nn.ModuleList([_EncoderBlock(8, 2) for _ in range(2)])
+            self.lm_head = nn.Linear(8, 10, bias=False)
+            self.lm_head.weight = self.embed.weight
+
+    model = LM()
+    units = select_units(model, granularity="block")
+    assert [u.label for u in units] == ["embed (tied: lm_head)", "L00", "L01"]  # lm_head owns nothing of its own
+    assert list_layers(model)[0].label == "embed (tied: lm_head)"
+
+
+def test_sublayer_granularity_needs_a_transformer():
+    with pytest.raises(LayercritError, match="granularity 'attn' needs a stack of transformer blocks"):
+        select_units(TinyResNet(), granularity="attn")
+    with pytest.raises(LayercritError, match="Expected `granularity` to be one of layer, block, attn, mlp"):
+        select_units(TinyResNet(), granularity="head")

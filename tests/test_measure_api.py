@@ -111,7 +111,7 @@ def test_save_and_load(tmp_path, fcn, digits):
     "kwargs, message",
     [
         ({"trials": 0}, "Expected `trials` to be a positive integer, got 0"),
-        ({"images": 100000}, "asked for 100000 images but data 'digits:test' has only 360"),
+        ({"images": 100000, "strict_images": True}, "asked for 100000 images but data 'digits:test' has only 360"),
         ({"images": 0}, "Expected `images` to be a positive integer, got 0"),
         ({"seed": -1}, "Expected `seed` to be a non-negative integer"),
         ({"probes": "reinit"}, "probe 'reinit' needs a reference state dict"),

@@ -192,3 +192,42 @@ def test_cli_modcrit_and_rank(fcn_run, tmp_path):
     assert r.returncode == 2 and "at least two checkpoint folders" in r.stderr
     r = cli("modcrit", str(fcn_run.path), "--noise-draws", "0")
     assert r.returncode == 2 and "Expected `noise_draws`" in r.stderr
+
+
+def test_progress_has_a_planned_total_that_ends_exact_and_a_long_run_says_how_to_shorten(monkeypatch, capsys):
+    """The bar's total is planned before the search (an upper bound) and lowered as points are ruled
+    out: it never falls below what is done and ends equal to the evaluations spent. A run estimated
+    above LONG_RUN_SECONDS (here 0) prints once how to make it shorter."""
+    import layercrit.modcrit as mc
+
+    bars = []
+
+    class Recording(mc.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.seen = [(self.n, self.total)]
+            bars.append(self)
+
+        def update(self, n=1):
+            super().update(n)
+            self.seen.append((self.n, self.total))
+
+    monkeypatch.setattr(mc, "tqdm", Recording)
+    monkeypatch.setattr(mc, "LONG_RUN_SECONDS", 0.0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    theta0 = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    x = torch.randn(32, 4)
+    data = Dataset(x, model(x).argmax(1).detach(), spec="own-predictions")
+    for curve in (True, False):
+        bars.clear()
+        r = module_criticality(model, data, theta0, epsilon=[0.05, 0.2], noise_draws=3, alphas=5, curve=curve, progress=True)
+        (bar,) = bars
+        first_total = bar.seen[0][1]
+        config = ModcritConfig(epsilon=[0.05, 0.2], noise_draws=3, alphas=5, curve=curve)
+        assert first_total == 2 * mc.planned_evaluations(config, 2) > 0
+        assert all(n <= total for n, total in bar.seen)
+        assert bar.n == bar.total == r.evaluations <= first_total
+        err = capsys.readouterr().err
+        assert err.count("module criticality will take up to") == 1
+        assert ("--fast" in err) == curve and "--train-subset" in err

@@ -212,7 +212,7 @@ def test_difference_heatmap_subtracts_the_baseline():
     assert ticks(ax.get_yticklabels()) == ROW_ORDER[1:]
     assert ax.images[0].get_clim() == (-100, 100) and ax.images[0].get_cmap().name.startswith("RdBu_r")
     expected = c.baseline_diff.pivot(index="model", columns="label", values="diff").loc[ROW_ORDER[1:], LABELS]
-    np.testing.assert_allclose(grid(ax), expected.to_numpy())
+    np.testing.assert_allclose(grid(ax), 100 * expected.to_numpy())  # fractions in the Comparison, % in the figure
     np.testing.assert_allclose(grid(ax)[0], 100 * (0.1 * 1 - 0.1 * 3))  # adv_l2 (i=0) − base (i=2): −20 everywhere
     with pytest.raises(LayercritError, match="needs a baseline"):
         difference_heatmap(results_table())
@@ -280,9 +280,9 @@ def test_scatter_plots_colour_groups_and_spearman():
     assert len(ax.collections) == 3  # one scatter per norm
     _, ax = criticality_vs_accuracy(c, exclude_category="adversarial")
     m = c.models
-    r_all = stats.spearmanr(m["accuracy"], m["avg_criticality"]).statistic
+    r_all = stats.spearmanr(m["meta_accuracy"], m["avg_criticality"]).statistic
     keep = m["category"] != "adversarial"
-    r_wo = stats.spearmanr(m.loc[keep, "accuracy"], m.loc[keep, "avg_criticality"]).statistic
+    r_wo = stats.spearmanr(m.loc[keep, "meta_accuracy"], m.loc[keep, "avg_criticality"]).statistic
     labels = ticks(ax.get_legend().get_texts())
     assert f"Spearman R = {r_all:+.2f} (all, n=5)" in labels
     assert f"Spearman R = {r_wo:+.2f} (without adversarial, n=3)" in labels

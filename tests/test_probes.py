@@ -25,9 +25,10 @@ def make_probe(name, model):
 
 
 MODELS = [TinyMLP, TinyCNN, TinyResNet, TinyTransformer]
+VALUE_PROBES = [p for p in list_probes() if p != "skip"]  # probes that write parameter values (skip: below)
 
 
-@pytest.mark.parametrize("probe_name", list_probes())
+@pytest.mark.parametrize("probe_name", VALUE_PROBES)
 @pytest.mark.parametrize("model_cls", MODELS)
 def test_probe_changes_only_its_unit_and_restores_bit_exactly(probe_name, model_cls):
     torch.manual_seed(0)
@@ -47,7 +48,7 @@ def test_probe_changes_only_its_unit_and_restores_bit_exactly(probe_name, model_
     assert_no_hooks(model)
 
 
-@pytest.mark.parametrize("probe_name", list_probes())
+@pytest.mark.parametrize("probe_name", VALUE_PROBES)
 def test_restores_after_exception(probe_name):
     model = TinyCNN()
     before = snapshot(model)
@@ -169,3 +170,232 @@ def test_registering_twice_warns():
         warnings.simplefilter("always")
         PROBES.register("zero")(Zero)
     assert any("registered twice" in str(x.message) for x in w)
+
+
+# -- skip: a block (or sub-layer) becomes the identity on its residual stream --------------------------------
+
+
+def _without_block(model, k):
+    """A copy of TinyTransformer with encoder block `k` removed by hand."""
+    import copy
+
+    cut = copy.deepcopy(model)
+    cut.encoder.layers = nn.ModuleList([b for i, b in enumerate(cut.encoder.layers) if i != k])
+    return cut
+
+
+def test_skip_block_equals_the_model_without_it_and_restores():
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    x = torch.randn(3, 1, 8, 8)
+    before = snapshot(model)
+    probe = PROBES.create("skip")
+    blocks = select_units(model, granularity="block", layers=["L*"])
+    probe.check(model, blocks)
+    assert not probe.random and probe.describe() == {"probe": "skip", "target": "identity"}
+    with torch.no_grad():
+        base = model(x)
+        for k, unit in enumerate(blocks):
+            change = probe.values(model, unit, seed=0)
+            assert dict(change) == {} and change.skip == {f"encoder.layers.{k}"}
+            with probe.apply(model, unit):
+                skipped = model(x)
+                assert_same_state(model, before)  # nothing is written
+            assert torch.equal(skipped, _without_block(model, k)(x))
+            assert not torch.equal(skipped, base)
+    assert_same_state(model, before)
+    assert_no_hooks(model)
+    with torch.no_grad():  # (MultiheadAttention's fast path runs only without grad: compare like with like)
+        assert torch.equal(model(x), base)
+
+
+def test_skip_sublayer_adds_nothing_to_the_residual():
+    """In a pre-norm block x + attn(norm1(x)), skipping `attn` means attn(·) = 0: the same as zeroing its
+    output projection (weight and bias); skipping the MLP the same as zeroing its last Linear."""
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    x = torch.randn(2, 1, 8, 8)
+    skip, zero = PROBES.create("skip"), Zero()
+    for granularity, last in (("attn", "attn.out_proj"), ("mlp", "mlp.2")):
+        unit = select_units(model, granularity=granularity)[1]
+        assert unit.label == f"L01.{granularity}"
+        with torch.no_grad(), skip.apply(model, unit):
+            q = model(x)
+        layer = select_units(model, layers=[f"encoder.layers.1.{last}"])[0]
+        with torch.no_grad(), zero.apply(model, layer):
+            r = model(x)
+        torch.testing.assert_close(q, r, rtol=0, atol=1e-6)
+    assert_no_hooks(model)
+
+
+def test_skip_modes_and_bad_units():
+    from layercrit.probes import Change, skip_mode
+
+    model = TinyTransformer()
+    assert skip_mode(model, "encoder.layers.0") == "input"
+    assert skip_mode(model, "encoder.layers.0.attn") == "zero"
+    assert skip_mode(model, "encoder.layers.0.norm1") == "residual"  # a norm is skipped as the identity
+    probe = PROBES.create("skip")
+    with pytest.raises(LayercritError, match=r"unit 'embed' .* is outside the blocks of encoder.layers; select blocks"):
+        probe.check(model, select_units(model, granularity="block"))
+    with pytest.raises(LayercritError, match="needs a stack of repeated blocks"):
+        probe.check(TinyMLP(), select_units(TinyMLP()))
+    with pytest.raises(LayercritError, match="no module.*nope"):
+        with substitute(model, Change(skip=["nope"])):
+            pass
+    assert Change({"a": torch.zeros(1)}).skip == frozenset()
+    assert_no_hooks(model)
+
+
+def test_skip_of_a_shape_changing_block_fails_clearly_and_removes_hooks():
+    """A ResNet's blocks form one stack across its stages; the first block of a downsampling stage
+    changes the shape, so it has no identity."""
+    model = TinyResNet().eval()
+    before = snapshot(model)
+    probe = PROBES.create("skip")
+    units = select_units(model, granularity="block", layers=["stage*.resblk*"])
+    probe.check(model, units)
+    ok = {u.label: u for u in units}["stage2.resblk2"]
+    with torch.no_grad(), probe.apply(model, ok):
+        model(torch.randn(2, 1, 8, 8))
+    bad = {u.label: u for u in units}["stage2.resblk1"]
+    with pytest.raises(LayercritError, match=r"cannot skip 'layer2.0': its output has shape .* no identity"):
+        with torch.no_grad(), probe.apply(model, bad):
+            model(torch.randn(2, 1, 8, 8))
+    assert_no_hooks(model)
+    assert_same_state(model, before)
+
+
+def test_skip_restores_after_exception():
+    model = TinyTransformer()
+    before = snapshot(model)
+    unit = select_units(model, granularity="block", layers=["L00"])[0]
+    with pytest.raises(RuntimeError, match="boom"):
+        with PROBES.create("skip").apply(model, unit):
+            raise RuntimeError("boom")
+    assert_no_hooks(model)
+    assert_same_state(model, before)
+
+
+@pytest.mark.parametrize("executor", ["full", "incremental"])
+def test_skip_in_measure_equals_the_model_without_the_block(executor):
+    """Through the engine (the incremental executor runs a skip as a full forward with hooks)."""
+    from layercrit import measure
+    from layercrit.measures import sample_measures
+
+    torch.manual_seed(0)
+    model = create_model("vit-tiny", num_classes=3, input_shape=(1, 8, 8), patch_size=4).eval()
+    x = torch.randn(6, 1, 8, 8)
+    r = measure(model, x, probes=["skip", "rerandomize"], granularity="block", layers=["L01", "L02"], trials=1,
+                executor=executor, factory=lambda: create_model("vit-tiny", num_classes=3, input_shape=(1, 8, 8)))
+    rows = r.table[r.table["probe"] == "skip"].set_index("label")
+    assert list(rows.index) == ["L01", "L02"] and (rows["trial"] == 0).all()
+    import copy
+
+    with torch.no_grad():
+        p = model(x)
+        cut = copy.deepcopy(model)
+        cut.blocks = nn.Sequential(*[b for i, b in enumerate(cut.blocks) if i != 2])
+        expected = sample_measures(p, cut(x), None)["criticality"].mean()
+    assert rows.loc["L02", "criticality"] == pytest.approx(float(expected), rel=1e-5, abs=1e-7)
+    assert_no_hooks(model)
+
+
+# -- re-randomization: a Hugging Face-style `_init_weights`, factories that load weights --------------------
+
+
+class _Config:
+    initializer_range = 0.02
+
+
+class _FakePreTrained(nn.Module):
+    """Duck-types a transformers `PreTrainedModel`: `config`, `post_init`, `_init_weights` (std 0.02 for
+    every Linear, a scaled `proj` in each block as GPT-2 does for `c_proj`, and no rule for `Odd`)."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+            self.fc = nn.Linear(8, 64)
+            self.proj = nn.Linear(64, 8)
+
+        def forward(self, x):
+            return x + self.proj(torch.relu(self.fc(self.norm(x))))
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(8))
+
+    def __init__(self):
+        super().__init__()
+        self.config = _Config()
+        self.embed = nn.Embedding(50, 8)
+        self.blocks = nn.ModuleList([self.Block() for _ in range(3)])
+        self.odd = self.Odd()
+        self.head = nn.Linear(8, 5)
+        self.post_init()
+
+    def post_init(self):
+        for m in self.modules():
+            self._init_weights(m)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        if isinstance(module, self.Block):
+            nn.init.normal_(module.proj.weight, std=self.config.initializer_range / 10)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h.mean(1))
+
+
+def test_rerandomize_uses_the_models_own_init_weights():
+    torch.manual_seed(0)
+    model = _FakePreTrained()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # "trained" values, far from the init
+    units = select_units(model, layers=["embed", "L01.fc", "L01.proj", "head"])
+    probe = Rerandomize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no reset_parameters warning: the model's own init is used
+        probe.check(model, units)
+    assert probe.describe()["init_source"] == "_init_weights"
+    v = {n: t for u in units for n, t in probe.values(model, u, 4).items()}
+    assert v["embed.weight"].std().item() == pytest.approx(0.02, rel=0.1)
+    assert v["blocks.1.fc.weight"].std().item() == pytest.approx(0.02, rel=0.1)
+    assert v["blocks.1.proj.weight"].std().item() == pytest.approx(0.002, rel=0.1)  # the block's rule, children first
+    assert torch.equal(v["head.bias"], torch.zeros(5))
+    # one draw of the block per seed, whichever of its layers is asked for
+    block = select_units(model, granularity="block", layers=["L01"])[0]
+    assert torch.equal(probe.values(model, block, 4)["blocks.1.proj.weight"], v["blocks.1.proj.weight"])
+    assert not torch.equal(probe.values(model, units[2], 5)["blocks.1.proj.weight"], v["blocks.1.proj.weight"])
+    # a layer `_init_weights` does not know and without reset_parameters() is refused, not left as is
+    odd = select_units(model, layers=["odd"])
+    probe.check(model, odd)
+    with pytest.raises(LayercritError, match=r"_init_weights does not initialize gain .*no reset_parameters"):
+        probe.values(model, odd[0], 0)
+
+
+def test_factory_that_returns_the_trained_weights_is_refused():
+    model = create_model("fcn-3x256")
+    trained = {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+    def loads_weights():
+        fresh = create_model("fcn-3x256")
+        fresh.load_state_dict(trained)
+        return fresh
+
+    with pytest.raises(LayercritError, match="returns the model's own weights whatever the seed .*from_pretrained"):
+        Rerandomize(loads_weights).check(model, select_units(model))
+    # an untrained model built under seed 0 equals the factory's seed-0 draw: not an error
+    factory = resolve_factory("fcn-3x256")
+    torch.manual_seed(0)
+    untrained = factory()
+    Rerandomize(factory).check(untrained, select_units(untrained))

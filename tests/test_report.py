@@ -67,9 +67,12 @@ def test_bad_report_arguments(tmp_path):
         build_report(tmp_path / "r")
     with pytest.raises(LayercritError, match="does not exist"):
         build_report(tmp_path / "r", store=tmp_path / "none.sqlite")
-    with pytest.raises(LayercritError, match="parent"):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(LayercritError, match="cannot be created: '.*f' is a file"):
+        build_report(tmp_path / "f" / "b", results=tmp_path / "x.csv")
+    with pytest.raises(LayercritError, match="does not exist"):  # a missing folder is created, but only on success
         build_report(tmp_path / "a" / "b", results=tmp_path / "x.csv")
-    assert not (tmp_path / "r").exists()
+    assert not (tmp_path / "r").exists() and not (tmp_path / "a").exists()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make test installs Debian's chromium as root)")
@@ -82,6 +85,8 @@ def test_report_renders_in_headless_chromium(results_report, tmp_path):
     assert m, dom.stderr[-2000:]
     loaded, total = map(int, m.groups())
     assert total >= 2 and loaded == total  # every figure decoded, none broken
+    width = re.search(r'data-figure-width="([\d.]+)"', dom.stdout)
+    assert width and float(width.group(1)) >= 0.99  # every figure spans its column, however small its PNG
     shot = tmp_path / "shot.png"
     subprocess.run([CHROMIUM, *FLAGS, *profile, "--window-size=1200,1800", f"--screenshot={shot}", url],
                    capture_output=True, timeout=120)

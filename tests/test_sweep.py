@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -153,24 +154,36 @@ def test_local_sweep_values_and_idempotence(zoo_dir, tmp_path):
     assert len(runs) == 2 and runs["layercrit_version"].notna().all() and json.loads(runs["config"][0])["models"]
 
 
-def test_sigkill_midway_then_resume_gives_the_uninterrupted_rows(zoo_dir, tmp_path):
-    reference = tmp_path / "ref.sqlite"
+@pytest.fixture(scope="module")
+def big_reference(zoo_dir, tmp_path_factory):
+    """The big zoo swept without interruption."""
+    reference = tmp_path_factory.mktemp("ref") / "ref.sqlite"
     sweep(zoo_dir / "big.toml", reference, chunk_layers=1, progress=False)
-    killed = tmp_path / "killed.sqlite"
-    cmd = [sys.executable, "-m", "layercrit", "sweep", str(zoo_dir / "big.toml"), "--store", str(killed),
-           "--chunk-layers", "1", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return reference
+
+
+def _start_and_wait_for_rows(zoo, store, rows=8, stderr=subprocess.DEVNULL):
+    """A CLI sweep of `zoo` in a subprocess, returned once `store` holds at least `rows` results."""
+    cmd = [sys.executable, "-m", "layercrit", "sweep", str(zoo), "--store", str(store), "--chunk-layers", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     count, deadline = 0, time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if killed.exists():
+        if store.exists():
             try:
-                with sqlite3.connect(killed, timeout=5) as db:
+                with sqlite3.connect(store, timeout=5) as db:
                     count = db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
             except sqlite3.OperationalError:  # the schema is still being created
                 count = 0
-            if count >= 8:
+            if count >= rows:
                 break
         time.sleep(0.02)
+    return proc, count
+
+
+def test_sigkill_midway_then_resume_gives_the_uninterrupted_rows(zoo_dir, tmp_path, big_reference):
+    reference = big_reference
+    killed = tmp_path / "killed.sqlite"
+    proc, count = _start_and_wait_for_rows(zoo_dir / "big.toml", killed)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     total = 3 * (1 + 3 * 12)
@@ -221,7 +234,7 @@ def test_cli_sweep_summarize_export(zoo_dir, tmp_path):
     doc = json.loads(r.stdout)
     assert [m["model"] for m in doc["models"]] and {c["subset"] for c in doc["correlations"]} == {"all", "excluding baseline"}
     rows = _rows(tmp_path / "s.sqlite")
-    per_model = rows[rows["probe"] == "rerandomize"].groupby(["model", "layer"])["criticality"].mean().groupby("model").mean() * 100
+    per_model = rows[rows["probe"] == "rerandomize"].groupby(["model", "layer"])["criticality"].mean().groupby("model").mean()
     for m in doc["models"]:
         assert m["avg_criticality"] == pytest.approx(per_model[m["model"]])
     r = cli("export", "--store", "s.sqlite", "--format", "csv", "--out", "all.csv")
@@ -230,3 +243,67 @@ def test_cli_sweep_summarize_export(zoo_dir, tmp_path):
     assert {"model", "layer", "probe", "trial", "seed", "criticality", "accuracy"} <= set(t.columns) and len(t) == 30
     r = cli("summarize", "--store", "none.sqlite")
     assert r.returncode == 2 and "does not exist" in r.stderr
+    # vs-metadata on a zoo without ε: the error names --column and the columns to choose from; --column draws it
+    r = cli("plot", "vs-metadata", "--store", "s.sqlite", "--out", "f.png")
+    assert r.returncode == 2 and r.stderr.strip().endswith("choose a numeric column with --column NAME: accuracy"), r.stderr
+    r = cli("plot", "vs-metadata", "--store", "s.sqlite", "--column", "accuracy", "--out", "figs/f.png")
+    assert r.returncode == 0 and (tmp_path / "figs" / "f.png").stat().st_size > 1000, r.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_stop_a_sweep_with_one_line_and_status_130_losing_nothing(zoo_dir, tmp_path, big_reference,
+                                                                                    signum):
+    store = tmp_path / "stopped.sqlite"
+    proc, count = _start_and_wait_for_rows(zoo_dir / "big.toml", store, stderr=subprocess.PIPE)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    total = 3 * (1 + 3 * 12)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [f"layercrit: interrupted; the finished work items are in {str(store)!r}: "
+                     "run the same command again to do the rest"], err
+    with sqlite3.connect(store) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        stored = db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+    assert count <= stored < total  # every item committed before the signal is still there
+    if signum == signal.SIGTERM:  # the re-run completes to the uninterrupted rows
+        report = sweep(zoo_dir / "big.toml", store, chunk_layers=1, progress=False)
+        assert report.done_before == stored and report.done_before + report.added == total
+        cols = KEY + ["seed", "criticality", "accuracy"]
+        pd.testing.assert_frame_equal(_rows(big_reference)[cols], _rows(store)[cols])
+
+
+def test_log_records_of_libraries_print_above_the_progress_bar(zoo_dir, tmp_path, monkeypatch, capsys):
+    """Ray's start-up warning (a logging record) used to land inside the bar's line."""
+    import logging
+
+    import layercrit.sweep as sw
+    from layercrit.cli import main
+
+    real = sw.run_item
+
+    def run_item(entry, item, *a, **k):
+        logging.getLogger("ray._private.authentication").warning("Token authentication is enabled for this Ray cluster.")
+        return real(entry, item, *a, **k)
+
+    monkeypatch.setattr(sw, "run_item", run_item)
+    assert main(["sweep", str(zoo_dir / "zoo.toml"), "--store", str(tmp_path / "s.sqlite")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("Token authentication") == 9, err  # once per work item (3 models × 3 trials)
+    assert len(re.findall(r"(?:^|[\r\n])Token authentication[^\r\n]*\n", err)) == 9, err  # each on a line of its own
+
+
+def test_a_model_failing_while_running_is_reported_once(zoo_dir, tmp_path, monkeypatch):
+    import layercrit.sweep as sw
+
+    real = sw.run_item
+
+    def run_item(entry, item, *a, **k):
+        if entry.id == "fcn-b":
+            raise LayercritError("out of luck")
+        return real(entry, item, *a, **k)
+
+    monkeypatch.setattr(sw, "run_item", run_item)
+    report = sweep(zoo_dir / "zoo.toml", tmp_path / "s.sqlite", progress=False)
+    assert report.failures == ["model 'fcn-b': out of luck"]  # one line, not one per work item
+    assert report.added == 2 * (1 + 3 * 3)

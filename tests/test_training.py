@@ -49,3 +49,25 @@ def test_refuses_to_overwrite_and_bad_config(tmp_path):
         train(_cfg(epochs=2), tmp_path / "r", resume=True)
     with pytest.raises(LayercritError, match="Expected `epochs` to be a positive integer"):
         _cfg(epochs=0)
+
+
+def test_a_transformer_trains_and_gets_zhangs_robustness_table(tmp_path):
+    """Zhang et al. §5 on a transformer: the built-in `vit-digits` trains on 8×8 digits, and robustness
+    (each block reset to checkpoint τ or re-randomized) and distances run on its checkpoints."""
+    from layercrit.robustness import robustness, weight_distances
+
+    run = train(_cfg(model="vit-digits", epochs=2), tmp_path / "vit")
+    manifest = json.loads((tmp_path / "vit" / "manifest.json").read_text())
+    assert manifest["checkpoints"][-1]["test_error"] < 0.7  # it learns (chance: 0.9)
+    r = robustness(tmp_path / "vit", images=60, trials=1, granularity="block", layers=["L*"])
+    t = r.table
+    assert sorted(set(t["target"]) - {""}) == ["E0", "E1", "E2", "rerandomize"]
+    blocks = t[t["probe"].isin(["reinit", "rerandomize"])]
+    reset = blocks[blocks["target"] == "E0"].set_index("label")["error"]
+    assert list(reset.index) == ["L00", "L01", "L02", "L03"]
+    final = blocks[blocks["target"] == "E2"].set_index("label")["error"]  # resetting to the final weights changes nothing
+    base = float(t.loc[t["probe"] == "none", "error"].iloc[0])
+    assert final.to_numpy() == pytest.approx(base)
+    d = weight_distances(run.out_dir, granularity="block")
+    assert set(d["label"]) == {"embed", "L00", "L01", "L02", "L03", "head"}
+    assert (d[d["epoch"] == 0]["l2"] == 0).all() and (d[d["epoch"] == 2]["l2"] > 0).all()

@@ -15,12 +15,15 @@ from .errors import LayercritError
 from .layers import Layer, Unit, list_layers, select_units
 from .measures import MeasureSums, criticality, sample_measures
 from .models import ModelFactory, create_model, list_models, register_model, resolve_factory
+from .outputs import OUTPUTS, OutputAdapter, create_output, list_outputs
 from .probes import Interpolate, Probe, Reinit, Rerandomize, Zero, create_probe, list_probes, substitute
+from .proxies import ProxyComparison, ProxyResult, compare_proxies, proxies
 from .results import CriticalityResult, summarize_trials
 from .training import TrainConfig, train
 
 __all__ = [
     "EXECUTORS",
+    "OUTPUTS",
     "CriticalityResult",
     "Dataset",
     "Engine",
@@ -32,8 +35,11 @@ __all__ = [
     "MeasureConfig",
     "MeasureSums",
     "ModelFactory",
+    "OutputAdapter",
     "Perturbation",
     "Probe",
+    "ProxyComparison",
+    "ProxyResult",
     "Reinit",
     "Rerandomize",
     "TrainConfig",
@@ -41,16 +47,20 @@ __all__ = [
     "Zero",
     "__version__",
     "apply_weights",
+    "compare_proxies",
     "create_model",
+    "create_output",
     "create_probe",
     "criticality",
     "list_layers",
     "list_models",
+    "list_outputs",
     "list_probes",
     "load_checkpoint",
     "load_data",
     "load_state_dict",
     "measure",
+    "proxies",
     "register_model",
     "resolve_factory",
     "sample_measures",

@@ -87,9 +87,15 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def apply_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "weights") -> nn.Module:
-    """Load `state` strictly, naming the keys or shapes that do not match the model."""
+    """Load `state` strictly, naming the keys or shapes that do not match the model.
+
+    Non-persistent buffers (e.g. Hugging Face's `position_ids`, rotary `inv_freq`) are not part of a
+    state dict; a file that has them (older versions saved some) is not mismatching: they are ignored.
+    """
     state = strip_wrappers(state)
     own = model.state_dict()
+    derived = {n for n, _ in model.named_buffers() if n not in own}
+    state = {k: v for k, v in state.items() if k not in derived}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]

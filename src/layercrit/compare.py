@@ -2,7 +2,9 @@
 and per training category, the spread over trials, differences to a baseline model, and rank
 correlations of average criticality with model metadata (Spearman's R, Kendall's τ).
 
-All criticalities here are percentages (×100). A model's average criticality is the mean over its
+Criticality and measured accuracy are fractions 0..1 here, as in the results (`format_comparison`
+shows them in %); the zoo's metadata is kept as written, in columns prefixed `meta_` (its
+`accuracy` and `top5` in % by convention). A model's average criticality is the mean over its
 layers of the mean over trials. The marginal standard deviations (per model over layers, per layer
 over models) are population std (ddof=0) as in the reference notebook's heatmap margins; the spread
 over trials is the sample std (ddof=1), which the paper's Fig. 5 shows under the name "standard
@@ -19,27 +21,31 @@ import numpy as np
 import pandas as pd
 
 from .errors import LayercritError
-from .results import UNMODIFIED
+from .results import UNMODIFIED, correlation_note, format_number, format_p, format_percent
 from .store import Store
 
 __all__ = ["Comparison", "format_comparison", "summarize"]
 
 BASE_ACCURACY = "base_accuracy"
-_CORRELATION_COLUMNS = ["against", "subset", "n", "spearman_r", "spearman_p", "kendall_tau", "kendall_p"]
+META = "meta_"  # prefix of the zoo's metadata columns in tables and exports
+PERCENT_METADATA = ("accuracy", "top5")  # metadata written in % (the zoo's and the reference's convention)
+_CORRELATION_COLUMNS = ["against", "subset", "n", "spearman_r", "spearman_p", "kendall_tau", "kendall_p", "note"]
 
 
 @dataclass
 class Comparison:
-    """Result of `summarize`: tidy tables, criticalities in %.
+    """Result of `summarize`: tidy tables, criticality and measured accuracy as fractions 0..1.
 
     Attributes:
         models: per model: model, category, avg_criticality, std_criticality (over layers), n_layers,
-            trials (most trials of any layer), the `by` metadata columns and base_accuracy (fraction).
+            trials (most trials of any layer), the `by` metadata columns as written in the zoo
+            (`meta_accuracy`, …) and base_accuracy (measured).
         layers: per layer label: mean and std across models of the per-model mean, n_models.
         categories: per category: avg_criticality (mean over its models), n_models.
         category_layers: per (category, label): mean criticality, n_models.
         spread: per (model, layer): trials, mean, std over trials (ddof=1) and sem = std/√T.
-        correlations: per (`by` column, subset): n, spearman_r, spearman_p, kendall_tau, kendall_p.
+        correlations: per (`by` column, subset): n, spearman_r, spearman_p, kendall_tau, kendall_p and
+            a note where a value is undefined or n is too small for its p-value to mean much.
         baseline_diff: per (model, layer) of every non-baseline model: its mean minus the baseline's.
         probe: the probe summarized.
         baseline: the baseline model id, if any.
@@ -100,9 +106,9 @@ def _load(source: Store | pd.DataFrame, models: pd.DataFrame | None) -> tuple[pd
     if missing:
         raise LayercritError(f"results table lacks columns {', '.join(missing)}; columns present: {_listing(source.columns)}")
     if models is None:
-        # A table exported with `layercrit export` carries each model's category.
-        cols = ["model", "category"] if "category" in source.columns else ["model"]
-        models = source[cols].drop_duplicates("model")
+        # A table exported with `layercrit export` carries each model's category and metadata.
+        cols = [c for c in source.columns if c in ("model", "category") or str(c).startswith(META)]
+        models = source[cols].drop_duplicates("model").rename(columns=lambda c: str(c).removeprefix(META))
     return source, models, "the results table"
 
 
@@ -139,8 +145,13 @@ def _select(table: pd.DataFrame, probe: str, target: str | None, where: str) -> 
     return rows
 
 
+def _by_column(name: str) -> str:
+    """The models-table column of a `by` name: `meta_<name>` for metadata, `base_accuracy` as is."""
+    return name if name == BASE_ACCURACY else META + name.removeprefix(META)
+
+
 def _metadata(meta: pd.DataFrame, model_ids: list[str], by: tuple[str, ...], base_acc: pd.Series) -> pd.DataFrame:
-    """Per model (in `model_ids` order): category and the numeric `by` columns."""
+    """Per model (in `model_ids` order): category and the numeric `by` columns (as `meta_<name>`)."""
     if "model" not in meta.columns:
         raise LayercritError(f"model metadata lacks a 'model' column; columns present: {_listing(meta.columns)}")
     meta = meta.drop_duplicates("model").set_index("model")
@@ -149,6 +160,7 @@ def _metadata(meta: pd.DataFrame, model_ids: list[str], by: tuple[str, ...], bas
     for col in by:
         if col == BASE_ACCURACY:
             continue
+        col = col.removeprefix(META)
         if col not in meta.columns:
             present = [c for c in meta.columns if c != "category"]
             raise LayercritError(f"`by` column {col!r} is not in the model metadata; columns present: "
@@ -159,7 +171,7 @@ def _metadata(meta: pd.DataFrame, model_ids: list[str], by: tuple[str, ...], bas
         if bad.any():
             raise LayercritError(f"`by` column {col!r} must be numeric, but model {bad.idxmax()!r} has "
                                  f"{raw[bad.idxmax()]!r}")
-        out[col] = values.astype(float)
+        out[META + col] = values.astype(float)
     out[BASE_ACCURACY] = base_acc.reindex(model_ids).astype(float)
     return out.reset_index()
 
@@ -169,7 +181,8 @@ def _correlate(x: np.ndarray, y: np.ndarray) -> dict:
 
     keep = ~(np.isnan(x) | np.isnan(y))
     x, y = x[keep], y[keep]
-    out = {"n": int(len(x)), "spearman_r": math.nan, "spearman_p": math.nan, "kendall_tau": math.nan, "kendall_p": math.nan}
+    out = {"n": int(len(x)), "spearman_r": math.nan, "spearman_p": math.nan, "kendall_tau": math.nan,
+           "kendall_p": math.nan, "note": correlation_note(len(x), x, y)}
     # A rank correlation of fewer than 3 points, or with a constant, is undefined; scipy would warn.
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return out
@@ -196,8 +209,9 @@ def summarize(
             (for a table: its `category` column, if any).
         probe: the probe whose results are compared.
         target: the probe's target, needed when its results hold several (reinit to several epochs).
-        by: numeric metadata columns to correlate average criticality with (`base_accuracy` is the
-            measured accuracy of the unmodified model).
+        by: numeric metadata columns to correlate average criticality with (`accuracy` or
+            `meta_accuracy`: the zoo's; `base_accuracy`: the measured accuracy of the unmodified model).
+            In the models table and the correlations they are named `meta_<name>`.
         exclude_categories: categories left out of extra correlation subsets, one subset per
             category and, for several, one without all of them (the paper: without adversarial).
         baseline: model id whose per-layer criticality is subtracted from every other model's.
@@ -205,7 +219,7 @@ def summarize(
     Returns:
         A `Comparison` of tidy tables.
     """
-    by, exclude = _as_tuple(by), _as_tuple(exclude_categories)
+    by, exclude = tuple(dict.fromkeys(_as_tuple(by))), _as_tuple(exclude_categories)
     table, meta, where = _load(store_or_table, models)
     rows = _select(table, probe, target, where)
     base_rows = table[table["layer"] == UNMODIFIED]
@@ -213,7 +227,7 @@ def summarize(
                 else pd.Series(dtype=float))
 
     # Per (model, layer): statistics over trials, in first-seen order.
-    crit = rows.assign(criticality=pd.to_numeric(rows["criticality"], errors="coerce") * 100)
+    crit = rows.assign(criticality=pd.to_numeric(rows["criticality"], errors="coerce"))
     g = crit.groupby(["model", "layer"], sort=False)
     cell = g.agg(label=("label", "first"), trials=("criticality", "count"), mean=("criticality", "mean"),
                  std=("criticality", "std")).reset_index()
@@ -228,7 +242,8 @@ def summarize(
         n_layers=("mean", "count"), trials=("trials", "max"),
     ).reset_index()
     summary = info[["model", "category"]].merge(per_model, on="model")
-    summary = summary.merge(info[["model", *[c for c in by if c != BASE_ACCURACY], BASE_ACCURACY]], on="model")
+    by_cols = list(dict.fromkeys(_by_column(c) for c in by))
+    summary = summary.merge(info[["model", *[c for c in by_cols if c != BASE_ACCURACY], BASE_ACCURACY]], on="model")
 
     layers = cell.groupby("label", sort=False)["mean"].agg(
         mean="mean", std=lambda s: s.std(ddof=0), n_models="count").reset_index()
@@ -248,7 +263,7 @@ def summarize(
     corr = pd.DataFrame(
         [{"against": col, "subset": name,
           **_correlate(sub["avg_criticality"].to_numpy(float), sub[col].to_numpy(float))}
-         for col in by for name, sub in subsets],
+         for col in by_cols for name, sub in subsets],
         columns=_CORRELATION_COLUMNS,
     )
 
@@ -274,35 +289,80 @@ def _fmt(v, spec: str = ".1f") -> str:
     return "—" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
+def column_title(col: str) -> str:
+    """How a models-table column is titled where people read it (values as `readable_models` gives them)."""
+    if col == BASE_ACCURACY:
+        return "accuracy % (measured)"
+    if col.startswith(META):
+        name = col.removeprefix(META)
+        return f"{name} % (zoo)" if name in PERCENT_METADATA else f"{name} (zoo)"
+    return {"avg_criticality": "avg criticality %", "std_criticality": "std %", "n_layers": "layers"}.get(col, col)
+
+
+def readable_models(models: pd.DataFrame) -> pd.DataFrame:
+    """`Comparison.models` on the reading scale: criticality and measured accuracy in %, the zoo's
+    metadata as written (accuracy in %), columns titled by `column_title`."""
+    out = models.copy()
+    for col in ("avg_criticality", "std_criticality", BASE_ACCURACY):
+        if col in out:
+            out[col] = out[col] * 100
+    return out.rename(columns=column_title)
+
+
+def _fraction_metadata(models: pd.DataFrame) -> list[str]:
+    """Metadata said to be in % whose values all lie in 0..1: probably fractions."""
+    cols = [META + n for n in PERCENT_METADATA if META + n in models]
+    return [c for c in cols if models[c].notna().any() and models[c].dropna().between(0, 1).all()]
+
+
+def _models(n: int) -> str:
+    return f"{n} model" if n == 1 else f"{n} models"
+
+
+def _p(p) -> str:
+    """`p=0.042`, `p<0.001`."""
+    text = format_p(p)
+    return f"p{text}" if text.startswith("<") else f"p={text}"
+
+
 def format_comparison(c: Comparison) -> str:
     """Readable text: per-model table (by category, then criticality), per-layer mean ± std, category
-    means and correlations."""
+    means and correlations; criticality and accuracy in %."""
+    pct = lambda v: format_percent(v, 1)  # noqa: E731
     out = [f"Layer criticality under probe {c.probe!r}: {len(c.models)} models, {len(c.layers)} layers (%)", ""]
     m = c.models.assign(_cat=c.models["category"].fillna("")).sort_values(
         ["_cat", "avg_criticality"], kind="stable").drop(columns="_cat")
-    shown = pd.DataFrame({
-        "category": m["category"].map(_fmt), "model": m["model"],
-        "avg": m["avg_criticality"].map(_fmt), "std": m["std_criticality"].map(_fmt),
-        "layers": m["n_layers"], "trials": m["trials"],
-        **{col: m[col].map(lambda v: _fmt(v, ".4g")) for col in m.columns[6:]},
-    })
-    out += ["Models (mean over layers of the mean over trials; std over layers):", shown.to_string(index=False), ""]
+    shown = readable_models(m)
+    for col in shown.columns[2:]:
+        if pd.api.types.is_float_dtype(shown[col]):
+            digits = 2 if col.startswith("accuracy") or col.startswith("top5") else 1
+            shown[col] = shown[col].map(lambda v, d=digits: format_number(v, d)) if "%" in col else shown[col].map(
+                lambda v: _fmt(v, ".4g"))
+    shown["category"] = shown["category"].map(_fmt)
+    shown = shown[["category", "model", *shown.columns[2:]]]
+    out += ["Models (avg: mean over layers of the mean over trials; std over layers):", shown.to_string(index=False)]
+    for col in _fraction_metadata(c.models):
+        out.append(f"note: {column_title(col)} holds values between 0 and 1 only; the zoo's {col.removeprefix(META)} "
+                   f"is expected in % (write 95.1, not 0.951)")
+    out.append("")
     width = max((len(str(s)) for s in c.layers["label"]), default=0)
-    out.append("Layers (mean ± std across models):")
-    out += [f"  {str(r.label):<{width}}  {_fmt(r.mean):>5} ± {_fmt(r.std):<5} ({r.n_models} models)"
+    out.append("Layers (mean ± std across models, %):")
+    out += [f"  {str(r.label):<{width}}  {pct(r.mean):>5} ± {pct(r.std):<5} ({_models(r.n_models)})"
             for r in c.layers.itertuples()]
-    out += ["", "Categories (mean average criticality):"]
-    out += [f"  {_fmt(r.category):<20} {_fmt(r.avg_criticality):>5}  ({r.n_models} models)"
+    out += ["", "Categories (mean average criticality, %):"]
+    out += [f"  {_fmt(r.category):<20} {pct(r.avg_criticality):>5}  ({_models(r.n_models)})"
             for r in c.categories.sort_values("category", na_position="last").itertuples()]
     if len(c.correlations):
-        w_against = max(len(str(a)) for a in c.correlations["against"])
+        against = [column_title(a).replace(" %", "") for a in c.correlations["against"]]
+        w_against = max(len(a) for a in against)
         w_subset = max(len(str(a)) for a in c.correlations["subset"])
         out += ["", "Rank correlation of average criticality with:"]
-        out += [f"  {r.against:<{w_against}}  {r.subset:<{w_subset}}  n={r.n:<3} Spearman R={_fmt(r.spearman_r, '+.2f')} "
-                f"(p={_fmt(r.spearman_p, '.3g')})  Kendall τ={_fmt(r.kendall_tau, '+.2f')} (p={_fmt(r.kendall_p, '.3g')})"
-                for r in c.correlations.itertuples()]
+        out += [f"  {a:<{w_against}}  {r.subset:<{w_subset}}  n={r.n:<3} Spearman R={_fmt(r.spearman_r, '+.2f')} "
+                f"({_p(r.spearman_p)})  Kendall τ={_fmt(r.kendall_tau, '+.2f')} ({_p(r.kendall_p)})"
+                + (f"  note: {r.note}" if r.note else "")
+                for a, r in zip(against, c.correlations.itertuples())]
     if c.baseline is not None and len(c.baseline_diff):
         d = c.baseline_diff.groupby("model", sort=False)["diff"].mean()
-        out += ["", f"Mean difference to baseline {c.baseline!r} over shared layers:"]
-        out += [f"  {model:<30} {_fmt(v, '+.1f')}" for model, v in d.items()]
+        out += ["", f"Mean difference to baseline {c.baseline!r} over shared layers (percentage points):"]
+        out += [f"  {model:<30} {format_number(v, 1, scale=100, sign=True)}" for model, v in d.items()]
     return "\n".join(out)

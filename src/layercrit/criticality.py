@@ -15,9 +15,11 @@ import torch.nn as nn
 from .data import Dataset, load_data
 from .engine import Engine, Perturbation, RunSettings
 from .errors import LayercritError, check_int
+from .inputs import as_inputs
 from .layers import select_units
-from .probes import PROBES, Probe, Reinit, Rerandomize
-from .results import ROW_COLUMNS, UNMODIFIED, VALUE_COLUMNS, CriticalityResult
+from .outputs import create_output
+from .probes import PROBES, Interpolate, Probe, Reinit, Rerandomize
+from .results import INFO_COLUMNS, ROW_COLUMNS, UNMODIFIED, VALUE_COLUMNS, CriticalityResult
 from .seeding import derive_seed
 
 __all__ = ["MeasureConfig", "build_probes", "measure"]
@@ -31,20 +33,29 @@ class MeasureConfig(RunSettings):
     trials: int = 3  # random draws per (layer, probe); deterministic probes run once
     seed: int = 0  # probe seed: trial t uses derive_seed(seed, t)
     images: int | None = None  # evaluation subset size (Gavrikov: 10,000); None = all samples
+    strict_images: bool = False  # images above the data's size: error (True) or all samples with a warning
     data_seed: int = 0  # seed of the evaluation subset, separate from the probe seed
     layers: list[str] | None = None  # name/label globs; None = every layer
     types: list[str] | None = None  # module class names; None = every type
-    include_norm: bool = False  # also reset normalization layers (off: Gavrikov §2)
-    granularity: str = "layer"  # "layer" or "block"
+    include_norm: bool | str = False  # also reset normalization layers (off: Gavrikov §2); "stats": their running statistics too
+    granularity: str = "layer"  # "layer", "block", "attn" or "mlp" (see `select_units`)
     groups: dict[str, list[str]] | None = None  # joint groups {name: [glob, ...]}, reset together
     label_style: str = "auto"  # "auto", "name", "gavrikov" or "zhang"
     units: list[str] | None = None  # exact unit names, after the selection (a sweep's layer chunk)
     trial_ids: list[int] | None = None  # run only these trials of random probes (default: 0..trials-1)
+    output: str | None = None  # output adapter (layercrit.outputs): logits, next-token[:last|:every:K], hidden[:mean|:cls|:last]; None: automatic
+    shifts: list[str] | None = None  # corruptions NAME:SEVERITY (layercrit.shifts), each measured next to the clean data
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.probes, str):
             self.probes = [self.probes]
+        if self.output is not None:  # a bad name fails before any compute
+            create_output(self.output)
+        if self.shifts is not None:  # checked here: a bad name or severity fails before any compute
+            from .shifts import parse_shifts
+
+            self.shifts = [c.label for c in parse_shifts(self.shifts)]
         check_int("trials", self.trials)
         for name in ("seed", "data_seed"):
             check_int(name, getattr(self, name), low=0)
@@ -71,26 +82,43 @@ def build_probes(
             if reference is None:
                 raise LayercritError("probe 'reinit' needs a reference state dict (--reference FILE), e.g. checkpoint 0")
             probes.append(Reinit(reference, reference_name))
+        elif p == "interpolate":
+            if reference is None:
+                raise LayercritError("probe 'interpolate' needs the initial state dict θ⁰ (--reference FILE), e.g. checkpoint 0")
+            probes.append(Interpolate(reference))
         else:
             probes.append(PROBES.create(p))
     return probes
 
 
-def _as_dataset(data: Dataset | str | torch.Tensor | tuple) -> Dataset:
+def _api_inputs(x: torch.Tensor | Mapping[str, torch.Tensor]):
+    """Inputs given to the API: floating tensors as float32 (as the data loaders give them), integer
+    tensors (token ids, masks) unchanged."""
+    x = as_inputs(x)
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        return t.float() if t.is_floating_point() else t
+
+    return {k: one(v) for k, v in x.items()} if isinstance(x, dict) else one(x)
+
+
+def _as_dataset(data: Dataset | str | torch.Tensor | Mapping | tuple) -> Dataset:
     if isinstance(data, Dataset):
         return data
     if isinstance(data, str):
         return load_data(data)
-    if isinstance(data, torch.Tensor):
-        return Dataset(data.float(), None, spec="tensor")
-    if isinstance(data, tuple) and len(data) == 2:
-        return Dataset(data[0].float(), None if data[1] is None else data[1].long(), spec="tensor")
-    raise LayercritError(f"Expected data as a Dataset, a data spec, a tensor or (inputs, labels), got {type(data).__name__}")
+    if isinstance(data, (torch.Tensor, Mapping)):
+        return Dataset(_api_inputs(data), None, spec="tensor")
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], (torch.Tensor, Mapping)):
+        return Dataset(_api_inputs(data[0]), None if data[1] is None else data[1].long(), spec="tensor")
+    raise LayercritError(
+        f"Expected data as a Dataset, a data spec, a tensor, a dict of tensors or (inputs, labels), got {type(data).__name__}"
+    )
 
 
 def measure(
     model: nn.Module,
-    data: Dataset | str | torch.Tensor | tuple,
+    data: Dataset | str | torch.Tensor | Mapping | tuple,
     *,
     factory: Callable[[], nn.Module] | None = None,
     reference: Mapping[str, torch.Tensor] | None = None,
@@ -103,8 +131,10 @@ def measure(
     """Layer criticality of `model`: probe each layer (or block, or group), compare outputs.
 
     Args:
-        model: a trained classifier returning logits.
-        data: evaluation data (a `Dataset`, a data spec, a tensor or (inputs, labels)).
+        model: a trained model: a classifier returning logits, a language model, an encoder
+            (`output` says what of its output is compared; see `layercrit.outputs`).
+        data: evaluation data (a `Dataset`, a data spec, a tensor, a dict of tensors passed as
+            keyword arguments such as `{"input_ids": …, "attention_mask": …}`, or (inputs, labels)).
         factory: the untrained constructor, the faithful init source for "rerandomize".
         reference: state dict for "reinit" (e.g. checkpoint 0).
         reference_name: how the reference is named in result rows (`target` column).
@@ -117,9 +147,14 @@ def measure(
         A `CriticalityResult`; `.table` has one row per (layer, probe, trial) and one for the
         unmodified model, `.summary()` aggregates over trials.
     """
+    if settings.get("shifts") or settings.get("shift"):  # once per shift, on shifted data (layercrit.shifts)
+        args = dict(locals())  # every argument of this call, passed on unchanged
+        from .shifts import measure_shifted
+
+        return measure_shifted(**{k: v for k, v in args.items() if k != "settings"}, **args["settings"])
     names = [probes] if isinstance(probes, (str, Probe)) else list(probes)
     config = MeasureConfig(probes=[p if isinstance(p, str) else p.name for p in names], **settings)
-    dataset = _as_dataset(data).subset(config.images, config.data_seed)
+    dataset = _as_dataset(data).subset(config.images, config.data_seed, strict=config.strict_images)
     units = select_units(
         model,
         layers=config.layers,
@@ -150,12 +185,14 @@ def measure(
                 perturbations.append(Perturbation(key, functools.partial(probe.values, model, unit, seed)))
                 meta[key] = (probe, unit, trial, seed)
     base, results = engine.evaluate(perturbations, desc=f"{model_name}: {len(perturbations)} probes")
-    rows = [_row(model_name, UNMODIFIED, "unmodified", "none", "", 0, math.nan, len(dataset), 0, base, base)]
+    output = engine.output.name
+    rows = [_row(model_name, UNMODIFIED, "unmodified", "none", "", 0, math.nan, len(dataset), 0, base, base, output)]
     for key, values in results.items():
         probe, unit, trial, seed = meta[key]
         target = probe.describe().get("target", "")
-        rows.append(_row(model_name, unit.name, unit.label, probe.name, target, trial, seed, len(dataset), unit.n_params, values, base))
-    table = pd.DataFrame(rows, columns=ROW_COLUMNS + VALUE_COLUMNS)
+        rows.append(_row(model_name, unit.name, unit.label, probe.name, target, trial, seed, len(dataset), unit.n_params,
+                         values, base, output))
+    table = pd.DataFrame(rows, columns=ROW_COLUMNS + VALUE_COLUMNS + INFO_COLUMNS)
     table["seed"] = table["seed"].astype("Int64")
     resolved = asdict(config) | {
         "model": model_name,
@@ -170,11 +207,21 @@ def measure(
     return CriticalityResult(table, resolved)
 
 
-def _row(model, layer, label, probe, target, trial, seed, n, n_params, values, base) -> dict:
+def _row(model, layer, label, probe, target, trial, seed, n, n_params, values, base, output: str = "") -> dict:
     row = {"model": model, "layer": layer, "label": label, "probe": probe, "target": target, "trial": trial,
            "seed": seed, "n": n, "n_params": n_params}
     row |= {k: values[k] for k in VALUE_COLUMNS if k in values}
     row["accuracy_drop"] = base["accuracy"] - values["accuracy"]
+    # Perplexity of the mean next-token loss (exp of the mean, not the mean of exps); a trial mean
+    # in `summary()` is then the mean of the trials' perplexities.
+    loss = values["loss"]
+    row["perplexity"] = (math.exp(loss) if loss <= 709.0 else math.inf) \
+        if output.startswith("next-token") and not math.isnan(loss) else math.nan
+    bad = values.get("n_nonfinite", 0)
+    row["output"] = output
+    row["n_nonfinite"] = bad
+    row["note"] = (f"output non-finite on {bad} of {values.get('n_rows')} compared rows; measures are means over the others"
+                   if bad else "")
     return row
 
 

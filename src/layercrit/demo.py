@@ -9,7 +9,7 @@ from pathlib import Path
 from .checkpoints import load_state_dict
 from .criticality import measure
 from .data import load_data
-from .errors import LayercritError
+from .io import make_output_dir
 from .models import factory_for_data
 from .plots import criticality_heatmap, save_figure
 from .report import build_report
@@ -20,10 +20,7 @@ __all__ = ["run_demo"]
 
 def run_demo(out: str | Path = "demo-out", epochs: int = 40, trials: int = 3, seed: int = 0, quiet: bool = False) -> dict:
     """Run the demo into folder `out` (created if missing); returns the paths written."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise LayercritError(f"output folder's parent {str(out.parent)!r} does not exist")
-    out.mkdir(exist_ok=True)
+    out = make_output_dir(out)
     say = (lambda *a: None) if quiet else print
     t0 = time.perf_counter()
     ckpt_dir = out / "checkpoints"

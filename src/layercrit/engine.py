@@ -1,8 +1,11 @@
 """The evaluation engine: batches outside, perturbations inside, one executor interface.
 
-Inputs are materialized once as tensors. For each batch the executor runs the unmodified model
-once (`start_batch`), then every perturbation (`run_many`); the measures of each perturbation
-are accumulated against the unmodified outputs of the same batch. An executor decides *how* a
+Inputs are materialized once as tensors: one tensor, or a dict of named tensors passed as keyword
+arguments (`inputs`). For each batch the executor runs the unmodified model once (`start_batch`),
+then every perturbation (`run_many`), returning the model's raw outputs; an output adapter
+(`outputs`) turns each into the rows that measures compare (samples, or tokens of a language
+model), and the measures of each perturbation are accumulated against the unmodified outputs of
+the same batch. An executor decides *how* a
 probed model runs on a batch; the plain `FullForward` runs the whole model with the parameters
 substituted (the reference), `executors.IncrementalExecutor` recomputes only what each
 perturbation changes, from values kept during the unmodified run (told in advance by `prepare`).
@@ -19,7 +22,9 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .errors import LayercritError, check_int
+from .inputs import Inputs, as_inputs, call_model, describe, nbytes, num_samples, take, to_device, token_ids
 from .measures import MeasureSums, sample_measures
+from .outputs import OutputAdapter, resolve_output
 from .probes import substitute
 from .registry import Registry
 
@@ -85,16 +90,17 @@ class Executor:
         """Announce the substitutions that `run_many` will get for every batch of the coming pass
         (so an executor can keep what they need while running the unmodified model)."""
 
-    def start_batch(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the unmodified model on `x`; return its logits."""
+    def start_batch(self, x: Inputs) -> object:
+        """Run the unmodified model on `x` (a tensor or a dict of tensors, see `inputs`); return its
+        raw output (a tensor, tuple or `ModelOutput`: the engine's output adapter reads it)."""
         raise NotImplementedError
 
-    def run(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Logits on the current batch with `values` substituted."""
+    def run(self, values: Mapping[str, torch.Tensor]) -> object:
+        """The raw output on the current batch with `values` substituted."""
         raise NotImplementedError
 
-    def run_many(self, perturbations: Sequence[Mapping[str, torch.Tensor]]) -> list[torch.Tensor]:
-        """Logits for several substitutions (override to batch them)."""
+    def run_many(self, perturbations: Sequence[Mapping[str, torch.Tensor]]) -> list:
+        """Raw outputs for several substitutions (override to batch them)."""
         return [self.run(v) for v in perturbations]
 
     def end_batch(self) -> None:
@@ -115,13 +121,13 @@ class FullForward(Executor):
         # Parameters are written in place, so one compiled graph serves every substitution.
         self._forward = compiled(model, compile)
 
-    def start_batch(self, x: torch.Tensor) -> torch.Tensor:
+    def start_batch(self, x: Inputs) -> object:
         self._x = x
-        return logits_of(self._forward(x))
+        return call_model(self.model, x, self._forward)
 
-    def run(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def run(self, values: Mapping[str, torch.Tensor]) -> object:
         with substitute(self.model, values):
-            return logits_of(self._forward(self._x))
+            return call_model(self.model, self._x, self._forward)
 
     def end_batch(self) -> None:
         self._x = None
@@ -176,8 +182,9 @@ class Engine:
 
     Args:
         model: the model (left unchanged; evaluated in eval mode).
-        inputs: (N, ...) tensor, materialized once.
-        labels: (N,) integer labels or None.
+        inputs: (N, ...) tensor, or a dict of (N, ...) tensors passed as keyword arguments
+            (integer dtypes are kept: token ids); materialized once.
+        labels: (N,) integer labels, (N, T) token labels (−100: none) or None.
         batch_size: samples per batch.
         device: where to compute (default: the model's device).
         executor: executor name (see `EXECUTORS`; "auto": incremental when the model traces with
@@ -198,6 +205,9 @@ class Engine:
             (None: its default, `executors.DEFAULT_MEMORY_BUDGET`); larger batches run in sub-batches.
         batch_trials: run the perturbations of one layer together in one vmapped pass (True/False;
             None: automatic, on CUDA only).
+        output: the output adapter (a name of `outputs.OUTPUTS`, e.g. "logits", "next-token",
+            "hidden:mean", or an `OutputAdapter`); None: chosen from the model's output where that
+            is unambiguous (`stats()` says which and why).
 
     On CUDA, cuDNN autotuning is switched on and the inputs are moved to the device once when they
     take at most `RESIDENT_FRACTION` of its free memory (else batch by batch).
@@ -208,7 +218,7 @@ class Engine:
     def __init__(
         self,
         model: nn.Module,
-        inputs: torch.Tensor,
+        inputs: Inputs,
         labels: torch.Tensor | None = None,
         batch_size: int = 256,
         device: str | torch.device | None = None,
@@ -222,9 +232,11 @@ class Engine:
         compile: bool | str = False,
         memory_budget: int | None = None,
         batch_trials: bool | None = None,
+        output: str | OutputAdapter | None = None,
     ) -> None:
         check_int("batch_size", batch_size)
-        if len(inputs) == 0:
+        inputs = as_inputs(inputs)
+        if num_samples(inputs) == 0:
             raise LayercritError("no evaluation samples")
         _check_autocast(autocast)
         self.model = model
@@ -235,13 +247,18 @@ class Engine:
         cuda = self.device.type == "cuda"
         self.autocast = _AUTOCAST[autocast] if cuda else None
         if channels_last is None:
-            channels_last = inputs.ndim == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules())
+            channels_last = (isinstance(inputs, torch.Tensor) and inputs.ndim == 4
+                             and any(isinstance(m, nn.Conv2d) for m in model.modules()))
         self.channels_last = bool(channels_last)
         if cuda:
             torch.backends.cudnn.benchmark = True  # every batch has the same shapes: let cuDNN pick its fastest kernels
             inputs, labels = self._resident(inputs, labels)
         self.inputs, self.labels = inputs, labels
         self.batch_size = batch_size
+        self.output_spec = output
+        self.output: OutputAdapter | None = None  # set by the check below
+        self.output_choice = ""
+        self.num_outputs = self._check_inputs()  # before the executor: bad data fails before any tracing or logging
         if isinstance(executor, Executor):
             self.executor = executor
         else:
@@ -252,56 +269,79 @@ class Engine:
         self.progress = progress
         self.values_budget = values_budget
         self.measures = measures
-        self.num_outputs = self._check_inputs()
 
     @classmethod
-    def from_config(cls, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None, config,
+    def from_config(cls, model: nn.Module, inputs: Inputs, labels: torch.Tensor | None, config,
                     progress: bool = False, measures: Sequence[str] | None = None) -> Engine:
         """An engine with the run settings of `config` (a settings dataclass with the fields of
-        `RunSettings`, e.g. `MeasureConfig`)."""
+        `RunSettings`, e.g. `MeasureConfig`, whose `output` names the output adapter)."""
         return cls(model, inputs, labels, config.batch_size, config.device, config.executor, progress,
                    measures=measures, autocast=config.autocast, compile=config.compile,
-                   memory_budget=config.memory_budget, batch_trials=config.batch_trials)
+                   memory_budget=config.memory_budget, batch_trials=config.batch_trials,
+                   output=getattr(config, "output", None))
 
     def stats(self) -> dict:
-        """How the last evaluations ran: the executor used and the most bytes of kept values at once."""
+        """How the last evaluations ran: the executor used and why (`executor_reason`: the fallback
+        reason when "auto" fell back to the full forward), the most bytes of kept values at once (only
+        for an executor that keeps values), and the output adapter with how it was chosen."""
         ex = self.executor
         reason = getattr(ex, "fallback_reason", None)
-        return {"executor_used": "full" if reason else ex.name, "kept_peak_bytes": getattr(ex, "peak_bytes", 0)}
+        used = {"executor_used": "full" if reason else ex.name,
+                "executor_reason": reason or getattr(ex, "reason", "") or "requested"}
+        if not reason and hasattr(ex, "peak_bytes"):
+            used["kept_peak_bytes"] = ex.peak_bytes
+        return used | {"output": self.output.name, "output_choice": self.output_choice}
 
-    def _resident(self, inputs: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _resident(self, inputs: Inputs, labels: torch.Tensor | None) -> tuple[Inputs, torch.Tensor | None]:
         """The inputs (and labels) on the CUDA device if they fit its share of free memory, else as given."""
-        size = inputs.numel() * inputs.element_size() + (0 if labels is None else labels.numel() * labels.element_size())
+        size = nbytes(inputs) + (0 if labels is None else labels.numel() * labels.element_size())
         free, _ = torch.cuda.mem_get_info(self.device)
         if size > self.RESIDENT_FRACTION * free:
             return inputs, labels
-        return inputs.to(self.device), None if labels is None else labels.to(self.device)
+        return to_device(inputs, self.device), None if labels is None else labels.to(self.device)
 
     def _check_inputs(self) -> int:
-        x = self.inputs[:2].to(self.device)
+        """Check the data against the model on two samples (all of them for token ids) and pick the
+        output adapter; return the width of the compared rows (classes, vocabulary or features)."""
+        self._check_tokens()
+        x = to_device(take(self.inputs, slice(0, 2)), self.device)
         try:
             with torch.no_grad(), eval_mode(self.model):
-                out = logits_of(self.model(x))
+                out = call_model(self.model, x)
         except LayercritError:
             raise
-        except (RuntimeError, ValueError, TypeError, IndexError) as e:
-            raise LayercritError(
-                f"the model cannot take inputs of shape {tuple(self.inputs.shape[1:])} (per sample): {_first_line(e)}"
-            ) from None
-        if out.ndim != 2 or out.shape[0] != len(x):
-            raise LayercritError(f"the model returned shape {tuple(out.shape)}; expected (batch, classes) logits")
-        if self.labels is not None and len(self.labels):
-            lo, hi = int(self.labels.min()), int(self.labels.max())
-            if lo < 0 or hi >= out.shape[1]:
-                raise LayercritError(
-                    f"labels range over {lo}..{hi} but the model has {out.shape[1]} outputs (classes 0..{out.shape[1] - 1})"
-                )
-        return out.shape[1]
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+            what = f"of shape {tuple(x.shape[1:])}" if isinstance(x, torch.Tensor) else describe(x)
+            raise LayercritError(f"the model cannot take inputs {what} (per sample): {_first_line(e)}") from None
+        self.output, self.output_choice = resolve_output(self.output_spec, self.model, out)
+        return self.output.check(x, self.labels, out)
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        for i in range(0, len(self.inputs), self.batch_size):
-            x = self.inputs[i : i + self.batch_size].to(self.device, non_blocking=True)
-            if self.channels_last and x.ndim == 4:
+    def _check_tokens(self) -> None:
+        """Token ids inside the model's vocabulary and sequences no longer than its context, over all
+        inputs (out-of-range ids fail deep inside the model, or worse, index another row on CUDA)."""
+        ids = token_ids(self.inputs)
+        if ids is None or ids.numel() == 0:
+            return
+        embedding = _input_embedding(self.model)
+        if embedding is not None:
+            lo, hi, rows = int(ids.min()), int(ids.max()), embedding.num_embeddings
+            if lo < 0 or hi >= rows:
+                raise LayercritError(
+                    f"token ids range over {lo}..{hi} but the model's input embedding has {rows} rows (ids 0..{rows - 1}); "
+                    "tokenize the data with the model's own tokenizer"
+                )
+        context = _context_length(self.model)
+        if context is not None and ids.ndim >= 2 and ids.shape[1] > context[0]:
+            raise LayercritError(
+                f"sequences of {ids.shape[1]} tokens are longer than the model's context of {context[0]} positions "
+                f"({context[1]}); use a smaller --seq-len"
+            )
+
+    def batches(self) -> Iterator[tuple[Inputs, torch.Tensor | None]]:
+        n = num_samples(self.inputs)
+        for i in range(0, n, self.batch_size):
+            x = to_device(take(self.inputs, slice(i, i + self.batch_size), n), self.device, non_blocking=True)
+            if self.channels_last and isinstance(x, torch.Tensor) and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = None if self.labels is None else self.labels[i : i + self.batch_size].to(self.device)
             yield x, y
@@ -330,7 +370,7 @@ class Engine:
         Perturbations run in chunks that fit `values_budget`; within a chunk the loop is over
         batches outside and perturbations inside.
         """
-        n_batches = -(-len(self.inputs) // self.batch_size)
+        n_batches = -(-num_samples(self.inputs) // self.batch_size)
         out: dict[Hashable, dict[str, float]] = {}
         base_result = None
         bar = tqdm(total=n_batches * len(perturbations), desc=desc, unit="fwd", disable=not self.progress, leave=False)
@@ -343,20 +383,67 @@ class Engine:
                     for x, y in self.batches():
                         try:
                             with self._autocast():
-                                p = self.executor.start_batch(x)
-                                qs = self.executor.run_many([values for _, values in chunk])
+                                p_out = self.executor.start_batch(x)
+                            rows = self.output.rows(x, y, p_out)
+                            p = self.output.values(p_out, rows)
+                            base.update(self._measure(p, p, rows))
+                            for acc, q_out in zip(sums, self._outputs([values for _, values in chunk])):
+                                acc.update(self._measure(p, self.output.values(q_out, rows), rows))
+                                del q_out
+                                bar.update(1)
                         finally:
                             self.executor.end_batch()
-                        p = p.float()  # low-precision logits under autocast: measures in fp32 and above
-                        base.update(sample_measures(p, p, y, self.measures))
-                        for acc, q in zip(sums, qs):
-                            acc.update(sample_measures(p, q.float(), y, self.measures))
-                        bar.update(len(chunk))
                     base_result = base_result or base.compute()
                     out.update({key: acc.compute() for (key, _), acc in zip(chunk, sums)})
         finally:
             bar.close()
         return base_result, out
+
+    def _outputs(self, perturbations: list[Mapping[str, torch.Tensor]]) -> Iterator[object]:
+        """The raw outputs of `perturbations` on the current batch, one at a time: an executor that
+        runs them one by one is asked for each only when the previous one has been measured (a
+        language model's (B, T, V) logits are then held once, not once per perturbation)."""
+        ex = self.executor
+        if type(ex).run_many is Executor.run_many:
+            for values in perturbations:
+                with self._autocast():
+                    q = ex.run(values)
+                yield q
+            return
+        with self._autocast():
+            outs = ex.run_many(perturbations)
+        outs.reverse()
+        while outs:
+            yield outs.pop()
+
+    def _measure(self, p: torch.Tensor, q: torch.Tensor, rows) -> dict[str, torch.Tensor]:
+        # Outside autocast, in float64 chunks of rows (whatever precision the model ran in).
+        return sample_measures(p, q, rows.labels, self.measures, softmax=self.output.softmax, rows=rows.index)
+
+
+def _input_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The token embedding: `get_input_embeddings()` of a Hugging Face model, else the model's only
+    `nn.Embedding` (none is guessed among several)."""
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            emb = get()
+        except (NotImplementedError, AttributeError):
+            emb = None
+        if isinstance(emb, nn.Embedding):
+            return emb
+    found = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    return found[0] if len(found) == 1 else None
+
+
+def _context_length(model: nn.Module) -> tuple[int, str] | None:
+    """The most positions the model takes, from its (Hugging Face) config, and where that was read."""
+    config = getattr(model, "config", None)
+    for attr in ("n_positions", "max_position_embeddings", "max_seq_len"):  # GPT-2 aliases the second to the first
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, f"config.{attr}"
+    return None
 
 
 from . import executors as _executors  # noqa: E402, F401  (registers "incremental" and "auto"; it imports this module)

@@ -9,8 +9,29 @@ as a small generated `GraphModule`, with the new values passed through
 parameters can run together, vmapped over their stacked values.
 
 Kept values are per batch and bounded by `memory_budget`: when a batch's frontier would not fit,
-the batch is processed in sub-batches (same numbers). Models that cannot be traced, or whose
-trace does not reproduce the model's output, run with the full forward after one log line.
+the batch is processed in sub-batches (same numbers).
+
+What the trace may contain. Forward arguments after the first that have defaults are traced at
+their defaults (timm's ViT takes `attn_mask=None, is_causal=False`). The graph is simplified
+for evaluation mode, exactly: `nn.Identity` and dropout modules (the identity in eval mode) are
+removed, and an in-place activation module (`ReLU(inplace=True)`, …) runs as an out-of-place copy
+of itself, its later readers rewired to its result. Other in-place ops are followed through the
+data flow; an in-place write that a view or an input would observe is not supported.
+
+The trace check tells a wrong trace from round-off. Before the first batch, the traced graph
+(BatchNorm folded, so its float32 round-off differs from the model's) and the model itself run on
+two samples of it. Outputs that agree to 1e-5 of their magnitude (max |output|) pass at once. A
+larger difference is decided in float64 (parameters, buffers and inputs cast through
+`functional_call`; the model is not touched), where round-off is around 1e-13 of the outputs: a
+correct trace agrees to 1e-7 of their magnitude there, a wrong one (Python control flow or state
+that the trace baked in) differs at the outputs' own scale. Where float64 cannot be used (a float32
+constant, no float64 kernel, an output not in float64, or more than `_FP64_CHECK_BYTES` of
+parameters), 1e-3 of the outputs' magnitude decides. The check costs two forward passes over two
+samples (rarely two more in float64); the trace itself is made once per model.
+
+Models that cannot be traced, or whose trace fails the check, run with the full forward under
+"auto" (one warning line per model; `fallback_reason` says why); asked for explicitly
+(`executor="incremental"`) they raise a `LayercritError` saying why.
 """
 
 from __future__ import annotations
@@ -32,8 +53,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.node import map_arg
 
-from .engine import EXECUTORS, Executor, FullForward, compiled, eval_mode, logits_of
+from .engine import EXECUTORS, Executor, FullForward, compiled, eval_mode
 from .errors import LayercritError, check_int
+from .inputs import call_model, concat, take
 from .probes import substitute
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "IncrementalExecutor", "auto_executor"]
@@ -42,6 +64,7 @@ log = logging.getLogger("layercrit")
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of kept frontier values (and stacked trials) per batch: 1 GiB
 _MAX_STACK = 64  # most perturbations vmapped together, whatever the budget allows
+_SKIP = "\0skip:"  # marks a module a `probes.Change` skips in a plan's key (never a parameter name)
 
 Values = Mapping[str, torch.Tensor]
 
@@ -58,8 +81,15 @@ _VIEW_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.transpo
 _ALIAS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                   nn.AlphaDropout)
 _INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+# The identity in evaluation mode (the only mode the executor runs in): removed from the trace.
+_EVAL_IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                    nn.FeatureAlphaDropout)
+# What fx adds to check a forward argument specialized to its default: removed with its placeholder.
+_SPECIALIZATION_CHECKS = {torch._assert, operator.eq, fx._symbolic_trace._assert_is_none}
+_FP64_CHECK_BYTES = 2 << 30  # most bytes of float64 parameters the trace check makes (else: the model's dtype)
 
 _untraceable: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()  # model -> why; logged once
+_traces: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, _Trace]] = weakref.WeakKeyDictionary()  # model -> trace
 
 
 class _NotIncremental(Exception):
@@ -99,12 +129,91 @@ def _describe(node: fx.Node) -> str:
     return f"{node.op} {target}"
 
 
+def _fingerprint(model: nn.Module) -> tuple:
+    """What a cached trace depends on besides Python state (which the trace check covers): the
+    module objects and the parameter/buffer tensors with their dtypes and devices."""
+    modules = tuple((n, id(m)) for n, m in model.named_modules(remove_duplicate=False))
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return modules, tuple((n, id(t), t.dtype, t.device) for n, t in tensors)
+
+
+def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
+    """`fx.symbolic_trace(model)` taking one input: forward arguments after the first that have
+    defaults are traced at them, and their placeholders (with the checks fx adds on them) removed."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        params = []
+    concrete = {p.name: p.default for p in params if p.default is not p.empty
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    gm = fx.symbolic_trace(model, concrete_args=concrete or None)
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for ph in placeholders[1:]:
+        down, stack = [], [ph]
+        while stack:
+            node = stack.pop()
+            if node not in down:
+                down.append(node)
+                stack += list(node.users)
+        if any(n is not ph and not (n.op == "call_function" and n.target in _SPECIALIZATION_CHECKS) for n in down):
+            required = [n.target for n in placeholders if not n.args]
+            raise _NotIncremental(f"forward takes {len(placeholders)} inputs ({', '.join(map(str, required))} without "
+                                  "a default); expected one")
+        for node in reversed([n for n in graph.nodes if n in down]):  # users before what they use
+            graph.erase_node(node)
+    if len(placeholders) > 1:
+        graph.lint()
+        gm.recompile()
+    return gm
+
+
+def _remove_eval_identities(gm: fx.GraphModule) -> None:
+    """Remove `nn.Identity` and dropout modules from the trace: the identity in evaluation mode, the
+    only mode the executor runs in (an in-place dropout writes nothing there either)."""
+    for node in list(gm.graph.nodes):
+        if (node.op == "call_module" and isinstance(gm.get_submodule(node.target), _EVAL_IDENTITIES)
+                and len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node)):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.recompile()
+
+
+def _out_of_place(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Make the in-place activation module called by `node` (torch.nn's, e.g. `ReLU(inplace=True)`)
+    an out-of-place copy of itself, installed in `gm` beside the model's module, which is left as it
+    is; False if `node` calls no such module."""
+    if node.op != "call_module":
+        return False
+    module = gm.get_submodule(node.target)
+    if not (getattr(module, "inplace", False) is True and type(module).__module__.startswith("torch.nn")
+            and next(module.parameters(), None) is None):
+        return False
+    name = f"{node.target.replace('.', '_')}_out_of_place"
+    if not hasattr(gm, name):
+        twin = copy.copy(module)
+        twin.inplace = False  # the module reads it on every call: the same values, in a new tensor
+        gm.add_submodule(name, twin)
+    node.target = name
+    return True
+
+
 class _Trace:
     """The fx graph of a model and what each graph node reads of the model's parameters and buffers."""
 
+    @classmethod
+    def of(cls, model: nn.Module) -> _Trace:
+        """The trace of `model`, made once per model (and again if its modules or tensors changed)."""
+        key = _fingerprint(model)
+        cached = _traces.get(model)
+        if cached is None or cached[0] != key:
+            _traces[model] = (key, cls(model))
+        return _traces[model][1]
+
     def __init__(self, model: nn.Module) -> None:
         with eval_mode(model):  # Python branches on `self.training` take the evaluation path
-            self.gm = fx.symbolic_trace(model)
+            self.gm = _symbolic_trace(model)
+        _remove_eval_identities(self.gm)
         self.folded = _fold_batchnorm(self.gm)
         self.nodes = list(self.gm.graph.nodes)
         self.output = self.nodes[-1]
@@ -158,25 +267,51 @@ class _Trace:
         reads the write's result, so it is rewired to it. Then a region that contains the write but
         not `out` gets `out` as a kept value, which it copies before writing (`_region_module`), and
         the kept value is copied before the unmodified run writes to it (`keeper`). Writes that
-        views could observe, or writes to inputs or parameters, are not supported.
+        views could observe, or writes to inputs or parameters, are not supported as such; where
+        such a write is an in-place activation module, it runs out-of-place instead (`_out_of_place`,
+        exact): it then writes nothing, its later readers are rewired the same way, and only a read
+        of the model's write through another alias (or a write to an input) is refused.
         """
         order = {n: i for i, n in enumerate(self.nodes)}
         mutated: dict[fx.Node, fx.Node] = {}
+        changed = False
         for node in self.nodes:
             target = self._inplace_target(node)
             if target is None:
                 continue
             readers = [u for u in target.users if u is not node]
+            converted = False
             if (node.target is operator.setitem or self._aliases_input(target)
                     or any(self._aliases_input(u) for u in readers)):
-                raise _NotIncremental(f"in-place {_describe(node)} writes to a value that views or inputs share")
+                converted = not self._observed_elsewhere(target, node, order) and _out_of_place(self.gm, node)
+                if not converted:
+                    raise _NotIncremental(f"in-place {_describe(node)} writes to a value that views or inputs share")
             for u in readers:
                 if order[u] > order[node]:
                     u.replace_input_with(target, node)
-            mutated[target] = node
-        if mutated:
+            if not converted:
+                mutated[target] = node
+            changed = True
+        if changed:
             self.gm.recompile()
         return mutated
+
+    def _observed_elsewhere(self, target: fx.Node, write: fx.Node, order: dict[fx.Node, int]) -> bool:
+        """Whether the model's in-place `write` to `target` would be read later through another alias
+        (a view of `target`, or what `target` is a view of), or writes to an input or a parameter."""
+        root = target
+        while root.op.startswith("call_") and self._aliases_input(root) and root.args and isinstance(root.args[0], fx.Node):
+            root = root.args[0]
+        if root.op in ("placeholder", "get_attr"):
+            return True
+        group, stack = set(), [root]  # the views of `root` made before the write
+        while stack:
+            node = stack.pop()
+            if node not in group:
+                group.add(node)
+                stack += [u for u in node.users if order[u] < order[write] and u.op.startswith("call_")
+                          and self._aliases_input(u) and u.args and u.args[0] is node]
+        return any(order[u] > order[write] for m in group if m is not target for u in m.users)
 
     def expand(self, names: Iterable[str]) -> frozenset[str]:
         """`names` with the other names of tied parameters."""
@@ -369,10 +504,17 @@ class IncrementalExecutor(Executor):
         compile: `torch.compile` each region (and the unmodified graph): True or a backend name.
         workers: regions (the perturbations of different layers) computed at once, each on one
             thread; None: as many as torch's intra-op threads on the CPU, one on other devices.
+        fallback: when the model does not trace or its trace fails the check (see the module
+            docstring): True runs the full forward instead, after one warning per model (what
+            "auto" does); False raises a `LayercritError` saying why.
 
     Attributes:
         fallback_reason: why the model runs with the full forward instead (None if it does not).
+        reason: why the incremental executor runs (once the trace check passed).
         peak_bytes: the largest number of bytes of kept values held at once so far.
+
+    Raises:
+        LayercritError: without `fallback`, when the model cannot run incrementally.
     """
 
     name = "incremental"
@@ -384,6 +526,7 @@ class IncrementalExecutor(Executor):
         batch_trials: bool | None = None,
         compile: bool | str = False,
         workers: int | None = None,
+        fallback: bool = False,
     ) -> None:
         super().__init__(model)
         check_int("memory_budget", memory_budget)
@@ -394,7 +537,9 @@ class IncrementalExecutor(Executor):
             check_int("workers", workers)
         self.workers = workers
         self.peak_bytes = 0
+        self.fallback = fallback
         self.fallback_reason: str | None = None
+        self.reason = ""
         self._full: FullForward | None = None
         self._trace: _Trace | None = None
         self._regions: dict[frozenset[str], _Region] = {}
@@ -404,23 +549,29 @@ class IncrementalExecutor(Executor):
         self._budget_warned = False
         self._batch: dict | None = None
         if model in _untraceable:
-            self._fall_back(_untraceable[model], announce=False)
+            self._fall_back(_untraceable[model])
             return
         try:
-            self._trace = _Trace(model)
+            self._trace = _Trace.of(model)
+        except _NotIncremental as e:
+            self._fall_back(str(e))
         except Exception as e:  # noqa: BLE001  (any tracing failure means: not traceable)
-            self._fall_back(_first_line(e))
+            self._fall_back(f"torch.fx cannot trace it: {_first_line(e)}")
 
     @property
     def incremental(self) -> bool:
         """Whether perturbations run incrementally (False after a fallback to the full forward)."""
         return self._full is None
 
-    def _fall_back(self, reason: str, announce: bool = True) -> None:
+    def _fall_back(self, reason: str) -> None:
+        """Run the full forward from now on (one warning per model), or raise without `fallback`."""
+        if not self.fallback:
+            raise LayercritError(f"the incremental executor cannot run {type(self.model).__name__}: {reason}; "
+                                 "use executor 'auto' (which falls back to the full forward) or 'full'")
         self.fallback_reason = reason
         self._full = FullForward(self.model, compile=self.compile)
         self._trace = None
-        if announce and self.model not in _untraceable:
+        if self.model not in _untraceable:
             _untraceable[self.model] = reason
             log.warning("layercrit: %s runs with the full forward, not incrementally: %s",
                         type(self.model).__name__, reason)
@@ -429,7 +580,10 @@ class IncrementalExecutor(Executor):
 
     def _region(self, names: frozenset[str]) -> _Region:
         if names not in self._regions:
-            region = self._trace.region(self._trace.expand(names))
+            if any(n.startswith(_SKIP) for n in names):  # a skipped module: hooks on the model, full forward
+                region = _Region(names, full=True)
+            else:
+                region = self._trace.region(self._trace.expand(names))
             region.names = names
             if region.gm is not None:
                 region.runner = _runner(region.gm, self.compile)
@@ -444,7 +598,7 @@ class IncrementalExecutor(Executor):
         for n, v in values.items():
             if v.shape != shapes[n][0]:
                 raise LayercritError(f"new value for {n} has shape {tuple(v.shape)}; expected {tuple(shapes[n][0])}")
-        return frozenset(values)
+        return frozenset(values) | frozenset(_SKIP + m for m in getattr(values, "skip", ()))
 
     def _make_plan(self, perturbations: Sequence[Values]) -> _Plan:
         key = tuple(self._check(v) for v in perturbations)
@@ -467,9 +621,15 @@ class IncrementalExecutor(Executor):
 
     # -- per batch --------------------------------------------------------------------------------
 
-    def start_batch(self, x: torch.Tensor) -> torch.Tensor:
+    def start_batch(self, x: torch.Tensor) -> object:
+        if self._full is None and isinstance(x, dict):  # the trace takes one tensor; the prefix executor takes dicts
+            self._fall_back(f"inputs are a dict of {len(x)} tensors")
         if self._full is not None:
             return self._full.start_batch(x)
+        if not self._validated:
+            self._validate(x)
+            if self._full is not None:
+                return self._full.start_batch(x)
         plan, kept = self._plan, None
         if plan is not None and self._sub_batch(plan, x) >= len(x):  # (estimates the plan's sizes first)
             out, values = plan.keep.keeper(x)
@@ -477,19 +637,19 @@ class IncrementalExecutor(Executor):
             self._note_kept(values)
         else:  # no plan yet, or too large: `run_many` recomputes kept values per sub-batch
             out = self._trace.gm(x)
-        logits = logits_of(out)
-        if not self._validated and not self._validate(x, logits):
-            return self._full.start_batch(x)
+        logits = out  # the raw output: the engine's output adapter reads it
         self._batch = {"x": x, "logits": logits, "kept": kept, "plan": plan}
         return logits
 
-    def _validate(self, x: torch.Tensor, logits: torch.Tensor) -> bool:
-        """Whether the traced graph reproduced the model's output on the first batch."""
+    def _validate(self, x: torch.Tensor) -> None:
+        """Check the trace against the model on two samples of the first batch (the module docstring
+        says how); fall back (or raise) if they differ by more than round-off."""
         self._validated = True
-        ok, why = _same(logits, logits_of(self.model(x)))
-        if not ok:
+        ok, why = _check_trace(self.model, self._trace.gm, take(x, slice(0, 2)))
+        if ok:
+            self.reason = why
+        else:
             self._fall_back(why)
-        return ok
 
     def _estimate(self, plan: _Plan, x: torch.Tensor) -> None:
         """Kept bytes per sample of `plan`, and the regions' activation peaks, from two samples."""
@@ -564,9 +724,9 @@ class IncrementalExecutor(Executor):
             values = keep.prefix(xs) if keep.nodes else ()
             self._note_kept(values)
             kept = dict(zip(keep.nodes, values))
-            parts.append(self._run_plan(plan, perturbations, xs, kept, batch["logits"][i : i + step]))
+            parts.append(self._run_plan(plan, perturbations, xs, kept, take(batch["logits"], slice(i, i + step), len(x))))
             del values, kept
-        return [torch.cat(qs) for qs in zip(*parts)]
+        return [concat(qs) for qs in zip(*parts)]
 
     def end_batch(self) -> None:
         if self._full is not None:
@@ -591,7 +751,7 @@ class IncrementalExecutor(Executor):
             elif region.full:  # writes into the model: never while regions run
                 for i in idx:
                     with substitute(self.model, perturbations[i]):
-                        out[i] = logits_of(self.model(x))
+                        out[i] = call_model(self.model, x)
             else:
                 jobs.append((region, idx))
 
@@ -664,7 +824,8 @@ class IncrementalExecutor(Executor):
                 return [one(chunk[0])]
             with warnings.catch_warnings():  # ops without a batching rule run slower, but correctly
                 warnings.filterwarnings("ignore", message="There is a performance drop")
-                return list(torch.vmap(one, randomness="error")({n: torch.stack([v[n] for v in chunk]) for n in chunk[0]}))
+                both = torch.vmap(one, randomness="error")({n: torch.stack([v[n] for v in chunk]) for n in chunk[0]})
+                return [take(both, i, len(chunk)) for i in range(len(chunk))]  # unstacked, whatever the output's structure
 
         k = self._stack_size(region, rows, kept_bytes, len(values))
         if k == 1:
@@ -684,18 +845,88 @@ class IncrementalExecutor(Executor):
 def _runner(gm: fx.GraphModule, compile: bool | str) -> Callable[[dict, tuple], torch.Tensor]:
     def run(params: dict[str, torch.Tensor], args: tuple) -> torch.Tensor:
         # The values replace the region module's own parameters for this call only: nothing is written.
-        return logits_of(torch.func.functional_call(gm, params, args))
+        return torch.func.functional_call(gm, params, args)  # the raw output
 
     return compiled(run, compile)
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, str]:
+def _check_trace(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor) -> tuple[bool, str]:
+    """Whether the traced graph `gm` computes what `model` does on the samples `x` (see the module
+    docstring): (True, how it was checked) or (False, why not)."""
+    with torch.no_grad():
+        ours, theirs = gm(x), call_model(model, x)
+        if _same_output(ours, theirs, rtol=1e-5, atol=1e-6)[0]:
+            return True, f"its trace matches the model to 1e-5 of the outputs' magnitude on {len(x)} samples"
+        wide = _check_in_float64(model, gm, x)
+        if wide is not None:
+            ok, why = _same_output(*wide, rtol=1e-7, atol=1e-12, how="in float64")
+            return ok, why or f"its trace matches the model in float64 on {len(x)} samples"
+        ok, why = _same_output(ours, theirs, rtol=1e-3, atol=1e-5, how="relative to the outputs' magnitude")
+        return ok, why or f"its trace matches the model to 1e-3 of the outputs' magnitude on {len(x)} samples"
+
+
+def _check_in_float64(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor) -> tuple[object, object] | None:
+    """The outputs of `gm` and `model` on `x` with every floating-point parameter, buffer and input
+    cast to float64 through `functional_call` (the model is not touched); None where float64 cannot
+    be used (too large, a float32 constant, no float64 kernel, an output not in float64)."""
+    tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    floating = {n: t for n, t in tensors.items() if t.is_floating_point()}
+    if sum(t.numel() for t in floating.values()) * 8 > _FP64_CHECK_BYTES:
+        return None
+    wide, by_id = {}, {}
+    for n, t in floating.items():  # tied tensors stay tied: one float64 copy each
+        if id(t) not in by_id:
+            by_id[id(t)] = t.detach().double()
+        wide[n] = by_id[id(t)]
+    known = {n for n, _ in gm.named_parameters(remove_duplicate=False)} | {n for n, _ in gm.named_buffers(remove_duplicate=False)}
+    xd = x.double() if x.is_floating_point() else x
+    try:
+        ours = torch.func.functional_call(gm, {n: v for n, v in wide.items() if n in known}, (xd,))
+        theirs = torch.func.functional_call(model, wide, (xd,))
+    except Exception:  # noqa: BLE001  (float64 is not possible here)
+        return None
+    leaves = _tensor_leaves(ours) + _tensor_leaves(theirs)
+    if not leaves or any(t.dtype != torch.float64 for t in leaves if t.is_floating_point()):
+        return None
+    return ours, theirs
+
+
+def _same_output(a: object, b: object, **tolerance) -> tuple[bool, str]:
+    """`_same` on every tensor of two raw outputs (tensors, tuples, dicts, `ModelOutput`s)."""
+    ours, theirs = _tensor_leaves(a), _tensor_leaves(b)
+    if len(ours) != len(theirs):
+        return False, f"the traced graph returns {len(ours)} tensors, the model {len(theirs)}"
+    for u, v in zip(ours, theirs):
+        ok, why = _same(u, v, **tolerance)
+        if not ok:
+            return ok, why
+    return True, ""
+
+
+def _tensor_leaves(out: object) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
+    return [t for v in values for t in _tensor_leaves(v)]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-3, atol: float = 1e-5, how: str = "") -> tuple[bool, str]:
+    """Whether `a` (the trace's) equals `b` (the model's) up to `rtol` × max |b| + `atol`: round-off
+    is relative to the outputs' magnitude, a wrong trace differs at that magnitude."""
     if a.shape != b.shape:
         return False, f"the traced graph returns shape {tuple(a.shape)}, the model {tuple(b.shape)}"
-    if torch.equal(a, b) or torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True):
+    if torch.equal(a, b):
         return True, ""
-    diff = float((a.double() - b.double()).abs().nan_to_num(math.inf).max())
-    return False, f"the traced graph's output differs from the model's by {diff:.3g} (Python control flow or state?)"
+    if not (a.is_floating_point() or a.is_complex()):
+        return False, "the traced graph's output differs from the model's (integer values)"
+    a, b = a.double(), b.double()
+    diff = (a - b).abs().masked_fill(a.isnan() & b.isnan(), 0).nan_to_num(math.inf).max()
+    scale = b.abs().nan_to_num(0, 0, 0).max()
+    tol = rtol * float(scale) + atol
+    if float(diff) <= tol:
+        return True, ""
+    return False, (f"the traced graph's output differs from the model's by {float(diff):.3g} {how} (outputs up to "
+                   f"{float(scale):.3g}; round-off stays below {tol:.2g}): Python control flow or state the trace cannot see?")
 
 
 def _first_line(e: BaseException) -> str:
@@ -705,9 +936,9 @@ def _first_line(e: BaseException) -> str:
 
 @EXECUTORS.register("auto")
 def auto_executor(model: nn.Module, **options) -> Executor:
-    """The incremental executor when the model traces, else the full forward (with one log line)."""
-    executor = IncrementalExecutor(model, **options)
-    return executor._full if executor._full is not None else executor
+    """The incremental executor, which runs the full forward instead (after one warning line per
+    model, its `fallback_reason` saying why) when the model does not trace or its trace fails the check."""
+    return IncrementalExecutor(model, fallback=True, **options)
 
 
 EXECUTORS.register("incremental")(IncrementalExecutor)

@@ -15,12 +15,16 @@ Per model (a training run's final checkpoint against its checkpoint 0), over the
 | `network_criticality@ε` | Σ_i μ_i(ε) |
 
 `rank_measures` gives Kendall's τ and Spearman's ρ (with p-values) of each measure against GE.
+
+The last two depend on the search settings (ε, α grid, noise draws, σ bisection, training subset,
+`--fast`): every row carries them in `search` (`describe_search`), and a `note` says why a
+measure is undefined (NaN).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -30,9 +34,41 @@ from .checkpoints import Run
 from .errors import LayercritError
 from .layers import select_units
 from .modcrit import run_module_criticality
+from .results import correlation_note
 from .robustness import spectral_norm
 
-__all__ = ["complexity_measures", "rank_measures", "rank_runs"]
+__all__ = ["complexity_measures", "describe_search", "network_note", "rank_measures", "rank_runs"]
+
+
+def describe_search(config: Mapping) -> str:
+    """The settings a module-criticality number depends on, in one line to show beside it.
+
+    Args:
+        config: a `ModcritResult.config` (the resolved `ModcritConfig` plus `n`).
+    """
+    loss = config.get("loss", "error")
+    eps = ", ".join(f"{e:g}" for e in config.get("epsilon", []))
+    where = " above the model's own" if config.get("relative") else ""
+    alphas = "every α (whole curve)" if config.get("curve", True) else "only the α that can lower μ (fast search)"
+    n, subset = config.get("n"), config.get("train_subset")
+    data = (f"n = {n:,} training samples" if isinstance(n, int) else "the training set") + (
+        f" (seeded subset, --train-subset {subset}, data_seed {config.get('data_seed', 0)})"
+        if subset is not None and isinstance(n, int) and n >= subset else " (all of them)")
+    return (f"ε = {eps}{where} (training {loss}); {config.get('alphas')} α grid points, {alphas}; "
+            f"{config.get('noise_draws')} noise draws (seed {config.get('seed', 0)}); σ from "
+            f"{config.get('sigma_min', 1e-4):g} up, bisection to ×{1 + config.get('sigma_rtol', 0.01):g}; {data}")
+
+
+def network_note(row: Mapping, loss: str = "error") -> str:
+    """Why a row of `ModcritResult.network` has no network criticality (NaN), or ""."""
+    if not math.isnan(row["network_criticality"]):
+        return ""
+    return (f"{row['infeasible_modules']} of {row['modules']} modules infeasible: training {loss} above the "
+            f"threshold even at α = 1")
+
+
+def _own_loss(value: float, loss: str) -> str:
+    return f"{100 * value:.2f} %" if loss == "error" else f"{value:.4g}"
 
 
 def complexity_measures(run: Run | str | Path, epsilon: Sequence[float] = (0.1,), progress: bool = False,
@@ -71,30 +107,40 @@ def complexity_measures(run: Run | str | Path, epsilon: Sequence[float] = (0.1,)
     # Only μ and σ at α = 1 are needed here: the pruned search gives both without the whole curve.
     settings = {"curve": False} | modcrit_settings
     result = run_module_criticality(run, epsilon=list(epsilon), progress=progress, **settings)
+    undefined = []
     for _, n in result.network.iterrows():
         row[f"pac_bayes@{n['epsilon']:g}"] = n["pac_bayes"]
         row[f"network_criticality@{n['epsilon']:g}"] = n["network_criticality"]
+        if math.isnan(n["network_criticality"]):
+            undefined.append(f"{n['epsilon']:g}")
+    loss = result.config.get("loss", "error")
     row["evaluations"] = result.evaluations
+    row["search"] = describe_search(result.config)
+    row["note"] = (f"undefined at ε = {', '.join(undefined)}: modules infeasible (training {loss} above the threshold even at "
+                   f"α = 1; the model's own: {_own_loss(result.config['base_train_loss'], loss)})" if undefined else "")
     return row, result.table
 
 
 def rank_measures(models: pd.DataFrame, against: str = "ge") -> pd.DataFrame:
     """Kendall's τ and Spearman's ρ (with p-values) of every measure column against `against`.
 
-    A measure that is NaN for some model is ranked over the models where it is defined (`n` says how many).
+    A measure that is NaN for some model is ranked over the models where it is defined (`n` says how
+    many). `note` says why a correlation is undefined (fewer than 3 models, a constant) or why its
+    p-value means little (fewer than 5 models).
     """
     skip = {"model", against, "train_error", "test_error", "evaluations"}
     rows = []
     for col in [c for c in models.columns if c not in skip and pd.api.types.is_numeric_dtype(models[c])]:
         d = models[[col, against]].dropna()
         n = len(d)
-        if n >= 2 and d[col].nunique() > 1 and d[against].nunique() > 1:
+        if n >= 3 and d[col].nunique() > 1 and d[against].nunique() > 1:
             tau, tau_p = stats.kendalltau(d[col], d[against])
             rho, rho_p = stats.spearmanr(d[col], d[against])
         else:  # a constant measure carries no ranking
             tau = tau_p = rho = rho_p = math.nan
         rows.append({"measure": col, "against": against, "n": n, "kendall_tau": float(tau), "kendall_p": float(tau_p),
-                     "spearman_rho": float(rho), "spearman_p": float(rho_p)})
+                     "spearman_rho": float(rho), "spearman_p": float(rho_p),
+                     "note": correlation_note(n, d[col].to_numpy(float), d[against].to_numpy(float))})
     return pd.DataFrame(rows)
 
 

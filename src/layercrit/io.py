@@ -1,4 +1,9 @@
-"""Atomic file output: a failed or interrupted write never leaves a half-written file."""
+"""Atomic file output: a failed or interrupted write never leaves a half-written file.
+
+Output folders are created on demand, with their parents (`--out runs/fcn/r.csv` needs no mkdir).
+A write that fails (a full disk, a read-only folder) raises a `LayercritError` naming the file
+and saying that it was left as it was.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +15,47 @@ from pathlib import Path
 
 from .errors import LayercritError
 
-__all__ = ["atomic_path", "check_output_path"]
+__all__ = ["atomic_path", "check_output_dir", "check_output_path", "make_output_dir"]
+
+
+def _check_creatable(folder: Path, what: str) -> None:
+    """`folder` exists as a folder, or can be created: its nearest existing ancestor is a folder."""
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise LayercritError(f"{what} {str(folder)!r} cannot be created: {str(p)!r} is a file")
+            return
 
 
 def check_output_path(path: str | os.PathLike, suffixes: tuple[str, ...] | None = None) -> Path:
-    """Validate an output path before any compute starts."""
+    """Validate an output file path before any compute starts (its folder is created when written)."""
     path = Path(path)
     if suffixes is not None and path.suffix.lower() not in suffixes:
         raise LayercritError(
             f"output file {str(path)!r} has an unsupported extension; expected one of {', '.join(suffixes)}"
         )
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise LayercritError(f"output folder {str(parent)!r} does not exist; create it first or choose another path")
     if path.is_dir():
         raise LayercritError(f"output path {str(path)!r} is a folder; expected a file name")
+    _check_creatable(path.parent, "output folder")
+    return path
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """Validate an output folder before any compute starts: a folder, or creatable as one."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LayercritError(f"output folder {str(path)!r} is a file; expected a folder")
+    _check_creatable(path, "output folder")
+    return path
+
+
+def make_output_dir(path: str | os.PathLike) -> Path:
+    """Create an output folder and its parents (an existing one is fine)."""
+    path = check_output_dir(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LayercritError(f"cannot create output folder {str(path)!r}: {e.strerror or e}") from None
     return path
 
 
@@ -32,18 +63,27 @@ def check_output_path(path: str | os.PathLike, suffixes: tuple[str, ...] | None 
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
 
-    On an exception the temporary file is removed and `path` is left as it was.
+    The folder of `path` is created if missing. On an exception the temporary file is removed and
+    `path` is left as it was; an `OSError` (a full disk, no permission) becomes a `LayercritError`
+    naming the file.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
+    tmp = None
     try:
+        make_output_dir(path.parent if str(path.parent) else Path("."))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+        os.close(fd)
         yield Path(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; outputs get the usual mode
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(e, OSError):
+            state = "left unchanged" if path.exists() else "not created"
+            reason = f"[Errno {e.errno}] {e.strerror}" if e.strerror else str(e)
+            raise LayercritError(f"could not write {str(path)!r} ({reason}); nothing was written, the file was {state}") from None
         raise

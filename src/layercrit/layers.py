@@ -1,21 +1,26 @@
 """Layer discovery and selection: which parameters a probe may change, as units.
 
 A *layer* is a module that owns parameters directly. A *unit* is what one probe changes at once:
-a layer, a block (granularity="block"), or an explicit joint group of layers.
+a layer, a block (granularity="block"), an attention or MLP sub-layer of a transformer block
+(granularity="attn"/"mlp"), or an explicit joint group of layers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from .errors import LayercritError
-from .labels import block_units, layer_labels
+from .labels import block_units, layer_labels, resnet_root, stack_units
 
-__all__ = ["Layer", "Unit", "is_norm_layer", "list_layers", "select_units"]
+__all__ = ["GRANULARITIES", "Layer", "Unit", "is_norm_layer", "list_layers", "select_units"]
+
+GRANULARITIES = ("layer", "block", "attn", "mlp")
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
@@ -61,6 +66,8 @@ class Unit:
         params: full parameter names changed together.
         layers: names of the layers involved.
         n_params: number of scalar parameters changed.
+        modules: module paths the unit stands for (the block, the sub-layer(s), the layer, or a
+            group's layers); what the `skip` probe bypasses.
     """
 
     name: str
@@ -68,6 +75,7 @@ class Unit:
     params: tuple[str, ...]
     layers: tuple[str, ...]
     n_params: int
+    modules: tuple[str, ...] = ()
 
 
 def list_layers(model: nn.Module, include_norm: bool = True, label_style: str = "auto") -> list[Layer]:
@@ -122,17 +130,27 @@ def _under(name: str, prefix: str) -> bool:
     return name == prefix or (bool(prefix) and name.startswith(prefix + "."))
 
 
-def _unit_of(name: str, label: str, layers: Iterable[Layer]) -> Unit:
+def _with_stats(model: nn.Module, layer: Layer) -> Layer:
+    """`layer` changing its running statistics (buffers) too: the reference code loads a fresh
+    module's whole state, BatchNorm's `running_mean`/`running_var` included."""
+    module = model.get_submodule(layer.name)
+    stats = tuple(f"{layer.name}.{b}" if layer.name else b for b in ("running_mean", "running_var")
+                  if isinstance(getattr(module, b, None), torch.Tensor))
+    return dataclasses.replace(layer, params=layer.params + stats)
+
+
+def _unit_of(name: str, label: str, layers: Iterable[Layer], modules: Sequence[str] | None = None) -> Unit:
     layers = list(layers)
     params = tuple(p for layer in layers for p in layer.params)
-    return Unit(name, label, params, tuple(layer.name for layer in layers), sum(la.n_params for la in layers))
+    names = tuple(layer.name for layer in layers)
+    return Unit(name, label, params, names, sum(la.n_params for la in layers), tuple(modules) if modules is not None else names)
 
 
 def select_units(
     model: nn.Module,
     layers: Sequence[str] | None = None,
     types: Sequence[str | type] | None = None,
-    include_norm: bool = False,
+    include_norm: bool | str = False,
     granularity: str = "layer",
     groups: Mapping[str, Sequence[str]] | Sequence[Sequence[str]] | None = None,
     label_style: str = "auto",
@@ -143,8 +161,13 @@ def select_units(
         model: the model.
         layers: name/label globs; a layer (or block) matching any of them is selected. None: all.
         types: module classes or class names (subclasses included). None: all.
-        include_norm: also change normalization layers' parameters.
-        granularity: "layer" (each layer alone) or "block" (each top-level child / residual block).
+        include_norm: also change normalization layers' parameters (True), or their parameters and
+            running statistics (`"stats"`: BatchNorm's `running_mean` and `running_var` are in the
+            unit's `params` too, as the reference code resets them; the probes draw, copy or zero them
+            like parameters, a fresh draw giving the untrained mean 0 and variance 1).
+        granularity: "layer" (each layer alone), "block" (each residual or transformer block; a
+            transformer's embeddings and head are one unit each; else each top-level child), "attn" or
+            "mlp" (the attention / MLP sub-layer of each transformer block).
         groups: explicit joint groups, `{name: [glob, ...]}` or `[[glob, ...], ...]`; each group is
             one unit whose layers are reset together. Replaces `granularity`.
         label_style: see `list_layers`.
@@ -152,10 +175,14 @@ def select_units(
     Raises:
         LayercritError: a selector matches nothing, or an argument is invalid.
     """
-    if granularity not in ("layer", "block"):
-        raise LayercritError(f"Expected `granularity` to be 'layer' or 'block', got {granularity!r}")
+    if granularity not in GRANULARITIES:
+        raise LayercritError(f"Expected `granularity` to be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    if include_norm not in (False, True, "stats"):
+        raise LayercritError(f"Expected `include_norm` to be true, false or 'stats', got {include_norm!r}")
     all_layers = list_layers(model, include_norm=True, label_style=label_style)
     candidates = [la for la in all_layers if include_norm or not la.is_norm]
+    if include_norm == "stats":
+        candidates = [_with_stats(model, la) if la.is_norm else la for la in candidates]
     if types:
         candidates = [la for la in candidates if _type_matches(model, la, types)]
         if not candidates:
@@ -175,11 +202,21 @@ def select_units(
         units = [_unit_of(la.name, la.label, [la]) for la in candidates]
     else:
         by_name = {la.name: la for la in candidates}
+        specs = None if resnet_root(model) else stack_units(model, granularity, label_style)
+        if specs is None:
+            if granularity != "block":
+                raise LayercritError(
+                    f"granularity {granularity!r} needs a stack of transformer blocks with attention and MLP "
+                    "sub-layers; this model has none (use 'layer' or 'block')"
+                )
+            specs = [(n, la, p, ()) for n, la, p in block_units(model, label_style)]
         units = []
-        for bname, blabel, prefixes in block_units(model, label_style):
-            members = [la for n, la in by_name.items() if any(_under(n, p) for p in prefixes)]
+        for bname, blabel, prefixes, exact in specs:
+            members = [la for n, la in by_name.items() if n in exact or any(_under(n, p) for p in prefixes)]
             if members:
-                units.append(_unit_of(bname, blabel, members))
+                units.append(_unit_of(bname, blabel, members, prefixes + exact))
+        if not units and granularity != "block":
+            raise LayercritError(f"no block of this model has a recognisable {granularity} sub-layer; use 'layer' or 'block'")
     if layers:
         selected = [u for u in units if _matches(u, layers)]
         if not selected:

@@ -1,8 +1,14 @@
 """Measures comparing the original model's outputs p with a probed model's outputs q.
 
-Pure per-sample functions (torchmetrics style) plus `MeasureSums`, the accumulator the engine
-uses: every measure here is a mean over samples, so the accumulator keeps float64 sums.
-All computations are done in float64 from the logits.
+Pure per-row functions (torchmetrics style) plus `MeasureSums`, the accumulator the engine uses:
+every measure here is a mean over rows (samples, or tokens for a language model), so the
+accumulator keeps float64 sums. Rows are compared in float64, a chunk of rows at a time, so that
+a (tokens × vocabulary) output is never held in float64 as a whole: a chunk takes at most about
+`CHUNK_BYTES`, whatever the batch.
+
+Rows that are not finite (a probe that drives the output to NaN or +inf) get NaN for every
+measure; `MeasureSums` then averages each measure over the finite rows and counts the others
+(`n_nonfinite`), rather than letting one NaN hide every other row.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "CHUNK_BYTES",
     "LABEL_MEASURES",
     "MEASURES",
     "MeasureSums",
@@ -22,9 +29,15 @@ __all__ = [
 ]
 
 # Measures comparing p and q (no labels needed) and measures of q against labels.
-PAIR_MEASURES = ("criticality", "agreement", "l1", "l2", "kl")
+PAIR_MEASURES = ("criticality", "agreement", "l1", "l2", "kl", "rel_l2")
 LABEL_MEASURES = ("accuracy", "top5", "loss")
 MEASURES = PAIR_MEASURES + LABEL_MEASURES
+# The measures of softmax distributions and of raw vectors (the others are NaN for each).
+SOFTMAX_MEASURES = ("criticality", "agreement", "l1", "l2", "kl") + LABEL_MEASURES
+VECTOR_MEASURES = ("criticality", "l1", "l2", "rel_l2")
+
+CHUNK_BYTES = 64 << 20  # float64 working memory of one chunk of rows
+_TEMPORARIES = 8  # (rows, C) float64 tensors alive at once while a chunk is measured
 
 
 def sample_measures(
@@ -32,38 +45,101 @@ def sample_measures(
     q_logits: torch.Tensor,
     labels: torch.Tensor | None = None,
     which: Collection[str] | None = None,
+    *,
+    softmax: bool = True,
+    rows: torch.Tensor | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> dict[str, torch.Tensor]:
-    """Per-sample measures of probed logits `q_logits` against original logits `p_logits`.
+    """Per-row measures of probed outputs `q_logits` against original outputs `p_logits`.
 
-    Returns float64 tensors of shape (N,): `criticality` = 1 − cos(p, q) of the softmax vectors,
-    `agreement` (same argmax), `l1`, `l2` (distances of p and q), `kl` = KL(p‖q); with labels also
-    `accuracy` (top-1 correct of q), `top5` and `loss` (cross entropy of q). `which` limits the
-    computation to the named measures (default: all).
+    Args:
+        p_logits, q_logits: (R, C) outputs (more dimensions are flattened into C).
+        labels: one integer label per compared row (−100: none), or None.
+        which: the measures to compute (default: all that apply).
+        softmax: compare softmax distributions of logits (True) or the raw vectors (False).
+        rows: indices of the rows to compare (default: all), e.g. the non-padded positions of a
+            flattened (B·T, V) output; `labels` are then per selected row.
+        chunk_bytes: float64 working memory per chunk of rows.
+
+    Returns:
+        float64 tensors, one value per compared row. With `softmax`: `criticality` = 1 − cos(p, q)
+        of the softmax vectors, `agreement` (same argmax), `l1`, `l2` (distances of p and q),
+        `kl` = KL(p‖q); with labels also `accuracy` (top-1 correct of q), `top5` and `loss` (cross
+        entropy of q), over the labelled rows only. Raw vectors: `criticality` = 1 − cos(p, q),
+        `l1`, `l2` and `rel_l2` = ‖p − q‖/‖p‖. Non-finite rows are NaN in every measure.
     """
-    want = set(MEASURES if which is None else which)
-    q_log = F.log_softmax(q_logits.detach().double().flatten(1), dim=1)
-    out = {}
-    if want & set(PAIR_MEASURES):
-        p_log = F.log_softmax(p_logits.detach().double().flatten(1), dim=1)
-        p, q = p_log.exp(), q_log.exp()
-        pair = {
+    want = set(MEASURES if which is None else which) & set(SOFTMAX_MEASURES if softmax else VECTOR_MEASURES)
+    if labels is None or not softmax:
+        want -= set(LABEL_MEASURES)
+    p2, q2 = p_logits.detach().flatten(1), q_logits.detach().flatten(1)
+    n = len(rows) if rows is not None else len(q2)
+    step = max(1, int(chunk_bytes) // (_TEMPORARIES * 8 * max(1, q2.shape[1])))
+    if rows is not None:
+        rows = rows.to(q2.device)
+    if labels is not None:
+        labels = labels.to(q2.device)
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in want}
+    for i in range(0, n, step):
+        index = rows[i : i + step] if rows is not None else slice(i, i + step)
+        chunk = _measure_chunk(p2[index].double(), q2[index].double(),
+                               None if labels is None else labels[i : i + step], want, softmax)
+        for k, v in chunk.items():
+            parts[k].append(v)
+    empty = torch.zeros(0, dtype=torch.float64, device=q2.device)
+    return {k: torch.cat(v) if v else empty for k, v in parts.items()}
+
+
+def _measure_chunk(p: torch.Tensor, q: torch.Tensor, labels: torch.Tensor | None, want: set[str],
+                   softmax: bool) -> dict[str, torch.Tensor]:
+    """`sample_measures` on one chunk of float64 rows."""
+    out: dict[str, torch.Tensor] = {}
+    if softmax:
+        # −inf logits are legitimate (a masked vocabulary entry has probability 0); NaN and +inf are not.
+        bad = (q.isnan() | (q == math.inf)).any(1) | (p.isnan() | (p == math.inf)).any(1)
+        q_log = F.log_softmax(q, dim=1)
+        if want & set(PAIR_MEASURES):
+            p_log = F.log_softmax(p, dim=1)
+            pp, qq = p_log.exp(), q_log.exp()
+            pair = {
+                "criticality": lambda: 1.0 - F.cosine_similarity(pp, qq, dim=1, eps=1e-12),
+                "agreement": lambda: (p_log.argmax(1) == q_log.argmax(1)).double(),
+                "l1": lambda: (pp - qq).abs().sum(1),
+                "l2": lambda: (pp - qq).pow(2).sum(1).sqrt(),
+                "kl": lambda: torch.where(pp > 0, pp * (p_log - q_log), torch.zeros_like(pp)).sum(1),
+            }
+            out |= {k: fn() for k, fn in pair.items() if k in want}
+        if labels is not None and want & set(LABEL_MEASURES):
+            keep = labels >= 0  # −100: a row without a label (e.g. the last position of a sequence)
+            if not bool(keep.all()):
+                q_log, labels, bad_labelled = q_log[keep], labels[keep], bad[keep]
+            else:
+                bad_labelled = bad
+            labels = labels.long()
+            k = min(5, q_log.shape[1])
+            labelled = {
+                "accuracy": lambda: (q_log.argmax(1) == labels).double(),
+                "top5": lambda: (q_log.topk(k, dim=1).indices == labels[:, None]).any(1).double(),
+                "loss": lambda: F.nll_loss(q_log, labels, reduction="none"),
+            }
+            out |= {k: _nan_where(bad_labelled, fn()) for k, fn in labelled.items() if k in want}
+    else:
+        bad = ~(q.isfinite().all(1) & p.isfinite().all(1))
+        diff = p - q
+        vector = {
             "criticality": lambda: 1.0 - F.cosine_similarity(p, q, dim=1, eps=1e-12),
-            "agreement": lambda: (p_log.argmax(1) == q_log.argmax(1)).double(),
-            "l1": lambda: (p - q).abs().sum(1),
-            "l2": lambda: (p - q).pow(2).sum(1).sqrt(),
-            "kl": lambda: torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p)).sum(1),
+            "l1": lambda: diff.abs().sum(1),
+            "l2": lambda: torch.linalg.vector_norm(diff, dim=1),
+            "rel_l2": lambda: torch.linalg.vector_norm(diff, dim=1) / torch.linalg.vector_norm(p, dim=1),
         }
-        out |= {k: fn() for k, fn in pair.items() if k in want}
-    if labels is not None and want & set(LABEL_MEASURES):
-        labels = labels.to(q_log.device)
-        k = min(5, q_log.shape[1])
-        labelled = {
-            "accuracy": lambda: (q_log.argmax(1) == labels).double(),
-            "top5": lambda: (q_log.topk(k, dim=1).indices == labels[:, None]).any(1).double(),
-            "loss": lambda: F.nll_loss(q_log, labels, reduction="none"),
-        }
-        out |= {k: fn() for k, fn in labelled.items() if k in want}
+        out |= {k: fn() for k, fn in vector.items() if k in want}
+    for k in want & set(PAIR_MEASURES):
+        if k in out:
+            out[k] = _nan_where(bad, out[k])
     return out
+
+
+def _nan_where(bad: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.where(bad, torch.full_like(v, math.nan), v)
 
 
 def criticality(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
@@ -72,18 +148,36 @@ def criticality(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
 
 
 class MeasureSums:
-    """Running float64 sums of per-sample measures; `compute()` gives the means."""
+    """Running float64 sums of per-row measures; `compute()` gives the means over finite rows.
+
+    Attributes:
+        n: rows seen (samples, or tokens).
+    """
 
     def __init__(self) -> None:
         self.n = 0
         self.sums: dict[str, torch.Tensor] = {}  # kept on the device: no sync per batch
+        self.counts: dict[str, torch.Tensor] = {}
+        self.nonfinite: torch.Tensor | int = 0
 
     def update(self, values: Mapping[str, torch.Tensor]) -> None:
-        n = next(iter(values.values())).shape[0]
-        self.n += n
+        if not values:
+            return
+        # Non-finite rows are counted on a measure every row has (label measures skip unlabelled rows).
+        main = next((values[k] for k in PAIR_MEASURES if k in values), next(iter(values.values())))
+        self.n += main.shape[0]
+        self.nonfinite = self.nonfinite + main.isnan().sum()
         for k, v in values.items():
-            s = v.sum()
+            ok = ~v.isnan()  # NaN: a non-finite row (±inf are kept: e.g. an infinite KL is the true value)
+            s, c = torch.where(ok, v, torch.zeros_like(v)).sum(), ok.sum()
             self.sums[k] = self.sums[k] + s if k in self.sums else s
+            self.counts[k] = self.counts[k] + c if k in self.counts else c
 
     def compute(self) -> dict[str, float]:
-        return {k: (float(self.sums[k]) / self.n if k in self.sums and self.n else math.nan) for k in MEASURES}
+        """Each measure's mean over its finite rows (NaN when none), plus `n_rows` (rows compared)
+        and `n_nonfinite` (rows left out because the output was not finite there)."""
+        out = {}
+        for k in MEASURES:
+            count = int(self.counts[k]) if k in self.counts else 0
+            out[k] = float(self.sums[k]) / count if count else math.nan
+        return out | {"n_rows": self.n, "n_nonfinite": int(self.nonfinite)}

@@ -10,11 +10,17 @@ assuming the feasible σ form an interval (0, σ_max]. The expectation is the me
 draws. Draw m of module i uses the same standard-normal direction z_m at every (α, σ), u = σ·z_m
 (common random numbers), so the estimated loss changes smoothly along the search. All ε share the
 evaluations; the points of every α (and ε) run together in one engine pass per bisection step.
+
+Progress: the evaluations are planned from the α grid and the bisection bounds before the search
+(an upper bound: the bar's total), and the plan is lowered as the search rules points out, so the
+bar shows a total and an ETA throughout; a run planned to take long says once how to shorten it.
 """
 
 from __future__ import annotations
 
 import math
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,7 +58,7 @@ class ModcritConfig(RunSettings):
     seed: int = 0  # noise seed
     curve: bool = True  # search every α (the whole curve); False: only the α that can lower μ
     layers: list[str] | None = None  # name/label globs of the modules
-    granularity: str = "layer"  # "layer" or "block"
+    granularity: str = "layer"  # "layer", "block", "attn" or "mlp" (see `select_units`)
     include_norm: bool = False
     batch_size: int = 512
 
@@ -111,16 +117,86 @@ class ModcritResult:
         return [path] + [save_table(v, path.with_suffix(f".{k}.csv")) for k, v in extra.items()]
 
 
+LONG_RUN_SECONDS = 60.0  # a run planned to take longer says how to make it shorter
+
+
+def planned_evaluations(config: ModcritConfig, thresholds: int) -> int:
+    """Upper bound on the evaluations of one module: σ = 1 and σ = σ_min at every α, a full bisection
+    for every (ε, α), and the noise-free loss at every α (full curve); with `curve=False`, at most
+    every α and α = 1 once more per ε, each with σ = floor, σ = 1 and a full bisection."""
+    m, a, steps = config.noise_draws, config.alphas, config.bisection_steps
+    if config.curve:
+        return a * m * (2 + thresholds * steps) + a
+    return thresholds * (a + 1) * (2 + steps) * m + a
+
+
+class _Progress:
+    """The evaluations bar; its total is the plan (an upper bound), lowered as points are ruled out."""
+
+    def __init__(self, total: int, desc: str, enabled: bool, config: ModcritConfig, n: int) -> None:
+        self.bar = tqdm(total=total, desc=desc, unit="eval", disable=not enabled, leave=False)
+        self.config, self.n, self.hinted = config, n, not enabled
+        self.t0 = time.perf_counter()
+        self.passes: list[tuple[float, int]] = []  # (time, evaluations done) at the end of the first engine passes
+
+    def done(self, count: int) -> None:
+        self.bar.update(count)
+        if len(self.passes) < 2:
+            self.passes.append((time.perf_counter(), self.bar.n))
+
+    def before_pass(self) -> None:
+        """Once, before an engine pass and after the plan was lowered by what the last pass ruled out:
+        estimate the run from the rate of the second pass (the first also pays for tracing and
+        warm-up; if it alone took long, from it) and, if long, say how to make it shorter."""
+        if self.hinted or not self.passes:
+            return
+        now = time.perf_counter()
+        if len(self.passes) == 2:
+            (t1, n1), (t2, n2) = self.passes
+            rate = (n2 - n1) / max(t2 - t1, 1e-9)
+        elif now - self.t0 > LONG_RUN_SECONDS:
+            rate = self.passes[0][1] / max(self.passes[0][0] - self.t0, 1e-9)
+        else:
+            return
+        self.hinted = True
+        estimate = now - self.t0 + (self.bar.total - self.bar.n) / max(rate, 1e-9)
+        if estimate > LONG_RUN_SECONDS:
+            tqdm.write(self.hint(estimate, rate), file=sys.stderr)
+
+    def unplan(self, count: int) -> None:
+        if count > 0:
+            self.bar.total -= count
+            self.bar.refresh()
+
+    def hint(self, seconds: float, rate: float) -> str:
+        c = self.config
+        ways = ["--fast (curve=False: only the α that can lower μ, no full curve)"] if c.curve else []
+        ways.append(f"--train-subset N (train_subset=N; now all {self.n:,} training samples)" if c.train_subset is None
+                    else f"a smaller --train-subset (now {self.n:,})")
+        ways.append(f"fewer --alphas (now {c.alphas}) or --noise-draws (now {c.noise_draws})")
+        return (f"layercrit: module criticality will take up to ~{_duration(seconds)} "
+                f"({self.bar.total:,} evaluations planned at most, {rate:.0f}/s); "
+                f"faster: {'; '.join(ways)}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
 class _Search:
     """Expected training loss at (α, σ) for one module, memoized; evaluated in batches of points.
 
     The values are those of `Interpolate(reference, α, σ).values(model, unit, seed_m)`, with θ⁰, θᶠ
-    and the noise directions z_m computed once per module.
+    and the noise directions z_m computed once per module. `planned` is this module's share of the
+    progress bar's total, lowered (`unplan`) as the search rules points out.
     """
 
     def __init__(self, engine: Engine, model: nn.Module, unit: Unit, reference: Mapping[str, torch.Tensor],
-                 config: ModcritConfig, bar) -> None:
-        self.engine, self.unit, self.config, self.bar = engine, unit, config, bar
+                 config: ModcritConfig, progress: _Progress, planned: int) -> None:
+        self.engine, self.unit, self.config, self.progress, self.planned = engine, unit, config, progress, planned
         self.measure = LOSSES[config.loss]
         params = dict(model.named_parameters())
         self.final = {n: params[n].detach().clone() for n in unit.params}
@@ -140,6 +216,7 @@ class _Search:
     def losses(self, points: Sequence[tuple[float, float]]) -> list[float]:
         todo = list(dict.fromkeys(p for p in points if p not in self.known))
         if todo:
+            self.progress.before_pass()
             perts = [Perturbation((a, s, m), self._values(a, s, m))
                      for a, s in todo for m in range(self.config.noise_draws if s > 0 else 1)]  # σ = 0: deterministic
             _, out = self.engine.evaluate(perts, desc=self.unit.label)
@@ -150,8 +227,14 @@ class _Search:
             for p, values in by_point.items():
                 self.known[p] = sum(values) / len(values)
             self.evaluations += len(perts)
-            self.bar.update(len(perts))
+            self.progress.done(len(perts))
         return [self.known[p] for p in points]
+
+    def unplan(self, count: int) -> None:
+        """`count` planned evaluations will not happen (never below those already done)."""
+        count = min(count, self.planned - self.evaluations)
+        self.planned -= count
+        self.progress.unplan(count)
 
 
 def _bisect(search: _Search, brackets: dict, rtol: float) -> dict:
@@ -173,12 +256,15 @@ def _bisect(search: _Search, brackets: dict, rtol: float) -> dict:
 def _full_search(search: _Search, alphas: list[float], thresholds: list[float], config: ModcritConfig) -> dict:
     """σ_max at every (threshold, α) (NaN where infeasible): the whole curve."""
     tracks: dict = {}
+    m, steps = config.noise_draws, config.bisection_steps
     at_one = dict(zip(alphas, search.losses([(a, 1.0) for a in alphas])))
     open_ = [(e, a) for e in thresholds for a in alphas if at_one[a] > e]
     tracks |= {(e, a): 1.0 for e in thresholds for a in alphas if at_one[a] <= e}
     mins = sorted({a for _, a in open_})
+    search.unplan((len(alphas) - len(mins)) * m + (len(thresholds) * len(alphas) - len(open_)) * steps * m)
     at_min = dict(zip(mins, search.losses([(a, config.sigma_min) for a in mins])))
     tracks |= {(e, a): math.nan for e, a in open_ if at_min[a] > e}
+    search.unplan(sum(at_min[a] > e for e, a in open_) * steps * m)
     return tracks | _bisect(search, {(e, a): (config.sigma_min, 1.0) for e, a in open_ if at_min[a] <= e}, config.sigma_rtol)
 
 
@@ -259,10 +345,12 @@ def module_criticality(
     alphas = [i / (config.alphas - 1) for i in range(config.alphas)]
     params = dict(model.named_parameters())
     rows, curve, total = [], [], 0
-    bar = tqdm(desc=f"{model_name}: module criticality", unit="eval", disable=not progress, leave=False)
+    per_unit = planned_evaluations(config, len(thresholds))
+    bar = _Progress(per_unit * len(units), f"{model_name}: module criticality (total: planned upper bound)",
+                    progress, config, len(data))
     try:
         for unit in units:
-            search = _Search(engine, model, unit, reference, config, bar)
+            search = _Search(engine, model, unit, reference, config, bar, per_unit)
             params_delta = [(params[p].detach().double() - reference[p].to(params[p].device).double()) for p in unit.params]
             delta2 = sum(float(d.pow(2).sum()) for d in params_delta)
             if config.curve:
@@ -294,6 +382,7 @@ def module_criticality(
                         f"infeasible: even α=1 with σ={config.sigma_min:g} has training {config.loss} above {thr:.4g}"),
                 })
             total += search.evaluations
+            search.unplan(search.planned - search.evaluations)  # the plan of a finished module is what it did
     finally:
         bar.close()
     table, curve_df = pd.DataFrame(rows), pd.DataFrame(curve)

@@ -3,7 +3,9 @@
 Every function takes the package's tidy tables (or the result objects holding them) and an optional
 axis (`ax`, or `axes` for several panels) and returns `(fig, ax)`. Figures are
 `matplotlib.figure.Figure`s, never pyplot ones, styled inside `style()`, so nothing leaks into the
-caller's matplotlib state. Criticalities and errors are drawn in %.
+caller's matplotlib state. Criticalities, accuracies and errors (fractions in the tables) are drawn
+in %, on axes from 0 to 100 % unless `limits` asks otherwise (`"data"`: fit the data; `(lo, hi)`),
+so that a difference of a tenth of a point does not fill the figure.
 
 - Gavrikov et al. 2024: `criticality_heatmap` (Fig. 1), `criticality_vs_metadata` (Fig. 2),
   `criticality_vs_accuracy` (Fig. 3), `difference_heatmap` (Fig. 4), `spread_heatmap` (Fig. 5).
@@ -28,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .compare import Comparison, _correlate, _listing
+from .compare import BASE_ACCURACY, META, Comparison, _correlate, _listing
 from .errors import LayercritError
 from .io import atomic_path, check_output_path
 from .modcrit import ModcritResult
-from .results import UNMODIFIED, CriticalityResult, summarize_trials
+from .results import SMALL_N, UNMODIFIED, CriticalityResult, format_p, summarize_trials
 from .robustness import CHECKPOINT
 
 __all__ = [
@@ -46,9 +48,12 @@ __all__ = [
     "list_plots",
     "modcrit_curves",
     "network_criticality_vs_epsilon",
+    "proxy_bump",
+    "proxy_scatter",
     "ranking_table",
     "robustness_heatmap",
     "save_figure",
+    "shift_heatmaps",
     "spread_heatmap",
     "style",
 ]
@@ -109,6 +114,24 @@ def _probe_label(probe, target) -> str:
     """`rerandomize`, `reinit:E0`: the target only where it says more than the probe's name."""
     t = "" if target is None or pd.isna(target) else str(target)
     return str(probe) if t in ("", str(probe)) else f"{probe}:{t}"
+
+
+Limits = str | tuple[float, float] | None
+
+
+def _set_limits(ax, limits: Limits, axis: str = "y") -> None:
+    """A % axis: 0–100 by default, `"data"` to fit the data, or `(lo, hi)`."""
+    if limits == "data":
+        return
+    if limits is None:
+        limits = (0.0, 100.0)
+    try:
+        lo, hi = (float(v) for v in limits)
+    except (TypeError, ValueError):
+        raise LayercritError(f'Expected `limits` to be None, "data" or (low, high), got {limits!r}') from None
+    if not lo < hi:
+        raise LayercritError(f"Expected `limits` (low, high) with low < high, got {limits!r}")
+    (ax.set_xlim if axis == "x" else ax.set_ylim)(lo, hi)
 
 
 def _pct(v: float) -> str:
@@ -233,10 +256,11 @@ def _category_band(ax, categories: list[str], palette_order: list[str]) -> None:
 
 def _cells(data, value: str, categories) -> pd.DataFrame:
     """Per (model, probe label, layer label): category, trials, mean and std (ddof=1) over trials, in %."""
-    if isinstance(data, Comparison):
+    if isinstance(data, Comparison):  # fractions there
         s = data.spread
         cell = pd.DataFrame({"model": s["model"].astype(str), "probe": data.probe, "label": s["label"].astype(str),
-                             "category": s["category"], "trials": s["trials"], "mean": s["mean"], "std": s["std"]})
+                             "category": s["category"], "trials": s["trials"], "mean": s["mean"] * 100,
+                             "std": s["std"] * 100})
     else:
         t = _unwrap(data)
         _require(t, ["layer", value], "results table")
@@ -387,9 +411,16 @@ def spread_heatmap(data, ax=None, *, rows: str = "auto", baseline: str | None = 
                         margin_fmt=_pct, cmap="magma", vmax=vmax, cbar_label="std over trials (%)", annotate=annotate)
 
 
-def criticality_bars(table, ax=None, *, value: str = "criticality"):
+def criticality_bars(table, ax=None, *, value: str = "criticality", limits: Limits = None):
     """One model's per-layer mean criticality (%) with t-based 95 % confidence intervals; one bar
-    colour per probe (single-trial cells have no interval)."""
+    colour per probe (single-trial cells have no interval).
+
+    Args:
+        table: a results table or `CriticalityResult` (one model).
+        ax: axes to draw into; default a new figure.
+        value: the measure to draw (a fraction, shown ×100).
+        limits: the y axis: None for 0–100 %, "data" to fit the bars, or (low, high) in %.
+    """
     t = _unwrap(table)
     _require(t, ["layer", value], "results table")
     _one_model(t, "criticality_bars")
@@ -408,12 +439,16 @@ def criticality_bars(table, ax=None, *, value: str = "criticality"):
             ax.bar(np.arange(len(labels)) + (k - (len(probes) - 1) / 2) * width, mean, width, yerr=err,
                    color=color, label=p, capsize=2, error_kw={"elinewidth": 0.8})
         ax.set_xticks(range(len(labels)), labels, rotation=90 if max(map(len, labels)) > 4 else 0)
-        ax.set_ylim(0, 100)
+        _set_limits(ax, limits)
         ax.set_ylabel(f"{value} (%)")
         ax.set_title(f"Layer {value} (mean, 95 % CI over trials)")
         if len(probes) > 1:
             ax.legend(frameon=False)
     return fig, ax
+
+
+# Columns of `Comparison.models` that hold fractions (drawn ×100).
+_FRACTIONS = {"avg_criticality", "std_criticality", BASE_ACCURACY}
 
 
 def _models_table(models, metadata: pd.DataFrame | None) -> pd.DataFrame:
@@ -427,8 +462,15 @@ def _models_table(models, metadata: pd.DataFrame | None) -> pd.DataFrame:
     return df
 
 
+def _column(df: pd.DataFrame, name: str) -> str:
+    """`name`, or the zoo's metadata column `meta_<name>` when only that is present."""
+    return META + name if name not in df.columns and META + name in df.columns else name
+
+
 def _scatter_column(df: pd.DataFrame, name: str | None, default: str) -> str | None:
     """`name` if present; a column left at its default and absent means "not used"."""
+    if name is not None:
+        name = _column(df, name)
     if name is None or name in df.columns:
         return name
     if name == default:
@@ -437,7 +479,8 @@ def _scatter_column(df: pd.DataFrame, name: str | None, default: str) -> str | N
 
 
 def criticality_vs_metadata(models, x: str = "epsilon", color: str | None = "norm", size: str | None = "accuracy",
-                            ax=None, *, y: str = "avg_criticality", metadata: pd.DataFrame | None = None):
+                            ax=None, *, y: str = "avg_criticality", metadata: pd.DataFrame | None = None,
+                            limits: Limits = None):
     """Average criticality (%) against a numeric metadata column, one colour and line per value of
     `color`, marker area growing with `size` (Gavrikov Fig. 2: ε, by norm, size = accuracy).
 
@@ -447,13 +490,17 @@ def criticality_vs_metadata(models, x: str = "epsilon", color: str | None = "nor
         color: column grouping the points (norms print as ℓ2, ℓ∞); if the default is absent: one colour.
         size: numeric column for the marker area; if the default is absent: one size.
         ax: axes to draw into; default a new figure.
-        y: the criticality column.
+        y: the criticality column (`avg_criticality`, a fraction, is drawn in %).
         metadata: per-model columns to merge in by `model` (e.g. `Store.models()`, which holds the norm).
+        limits: the criticality axis: None for 0–100 %, "data" to fit the points, or (low, high).
     """
     df = _models_table(models, metadata)
+    x = _column(df, x)
     _require(df, [x, y], "the models table")
     color, size = _scatter_column(df, color, "norm"), _scatter_column(df, size, "accuracy")
-    df = df.assign(_x=pd.to_numeric(df[x], errors="coerce"), _y=pd.to_numeric(df[y], errors="coerce")).dropna(subset=["_x", "_y"])
+    yscale = 100 if y in _FRACTIONS else 1
+    df = df.assign(_x=pd.to_numeric(df[x], errors="coerce"),
+                   _y=pd.to_numeric(df[y], errors="coerce") * yscale).dropna(subset=["_x", "_y"])
     if df.empty:
         raise LayercritError(f"no model has both {x!r} and {y!r}")
     groups = df[color].astype(object).where(df[color].notna(), "n/a").astype(str) if color else pd.Series("", index=df.index)
@@ -478,16 +525,18 @@ def criticality_vs_metadata(models, x: str = "epsilon", color: str | None = "nor
             for v in np.unique(np.round(np.linspace(s.min(), s.max(), 3), 3)):
                 a = 15 + 135 * (v - s.min()) / (s.max() - s.min())
                 handles.append(Line2D([], [], marker="o", linestyle="none", color="0.5", markersize=math.sqrt(a),
-                                      label=f"{size} {v:.3g}"))
-        ax.legend(handles=handles, frameon=False, title=color, loc="best")
-        ax.set_xlabel("training attack budget ε" if x == "epsilon" else x)
+                                      label=f"{size.removeprefix(META)} {v:.3g}"))
+        ax.legend(handles=handles, frameon=False, title=color.removeprefix(META) if color else None, loc="best")
+        ax.set_xlabel("training attack budget ε" if x.removeprefix(META) == "epsilon" else x.removeprefix(META))
         ax.set_ylabel("average criticality (%)" if y == "avg_criticality" else y)
+        if yscale == 100:
+            _set_limits(ax, limits)
         ax.grid(alpha=0.3)
     return fig, ax
 
 
 def criticality_vs_accuracy(models, ax=None, exclude_category: str | None = None, *, x: str = "accuracy",
-                            y: str = "avg_criticality", metadata: pd.DataFrame | None = None):
+                            y: str = "avg_criticality", metadata: pd.DataFrame | None = None, limits: Limits = None):
     """Average criticality (%) against accuracy, coloured by category, with Spearman's R over all
     models and without `exclude_category` in the legend (Gavrikov Fig. 3).
 
@@ -495,15 +544,19 @@ def criticality_vs_accuracy(models, ax=None, exclude_category: str | None = None
         models: `Comparison.models` (or the `Comparison`).
         ax: axes to draw into; default a new figure.
         exclude_category: category left out of the second correlation (the paper: adversarial).
-        x: the accuracy column; if the default is absent, the measured `base_accuracy` (×100).
-        y: the criticality column.
+        x: the accuracy column: the zoo's (`accuracy` or `meta_accuracy`, in %) or, if the default is
+            absent, the measured `base_accuracy` (a fraction, drawn in %).
+        y: the criticality column (`avg_criticality`, a fraction, is drawn in %).
         metadata: per-model columns to merge in by `model`.
+        limits: both axes: None for 0–100 %, "data" to fit the points, or (low, high).
     """
     df = _models_table(models, metadata)
-    xlabel = x
-    if x == "accuracy" and x not in df.columns and "base_accuracy" in df.columns:
-        df, x, xlabel = df.assign(_acc=df["base_accuracy"] * 100), "_acc", "accuracy (%, measured)"
+    x = _column(df, x)
+    xlabel = "accuracy (%)" if x.removeprefix(META) == "accuracy" else x
+    if x == "accuracy" and x not in df.columns and BASE_ACCURACY in df.columns:
+        x, xlabel = BASE_ACCURACY, "accuracy (%, measured)"
     _require(df, [x, y], "the models table")
+    df = df.assign(**{c: pd.to_numeric(df[c], errors="coerce") * 100 for c in {x, y} & _FRACTIONS})
     cats = (df["category"].astype(object).where(df["category"].notna(), "(none)").astype(str)
             if "category" in df.columns else pd.Series("models", index=df.index))
     if exclude_category is not None and exclude_category not in set(cats):
@@ -528,6 +581,8 @@ def criticality_vs_accuracy(models, ax=None, exclude_category: str | None = None
         ax.legend(handles=handles, frameon=False, loc="best", handlelength=1.0)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("average criticality (%)" if y == "avg_criticality" else y)
+        _set_limits(ax, limits, "x")
+        _set_limits(ax, limits, "y")
         ax.grid(alpha=0.3)
     return fig, ax
 
@@ -646,7 +701,7 @@ def distance_heatmaps(distances: pd.DataFrame, axes=None, *, measures: Sequence[
 
 
 def modcrit_curves(curve, modules: Sequence[str] | None = None, ax=None, *, epsilon: float | None = None,
-                   loss: str | None = None):
+                   loss: str | None = None, limits: Limits = None):
     """Training loss along θ(α) = (1−α)θ⁰ + αθᶠ for chosen modules: the loss at θ(α) itself as a
     line and the loss at the largest feasible σ as markers, ε as a dashed line (Chatterji Fig. 4).
 
@@ -656,6 +711,8 @@ def modcrit_curves(curve, modules: Sequence[str] | None = None, ax=None, *, epsi
         ax: axes to draw into; default a new figure.
         epsilon: the ε whose σ_max and μ are shown (default: the smallest).
         loss: "error" (drawn in %) or "cross-entropy"; default from the result's config, else "error".
+        limits: the error axis: None for 0–100 %, "data" to fit the curves, or (low, high) in %
+            (cross-entropy: always fitted to the data).
     """
     if isinstance(curve, ModcritResult):
         loss = loss or curve.config.get("loss")
@@ -700,6 +757,8 @@ def modcrit_curves(curve, modules: Sequence[str] | None = None, ax=None, *, epsi
         ax.set_xlabel(r"α   (0: initial $\theta^0$, 1: final $\theta^F$)")
         ax.set_ylabel(ylabel)
         ax.set_xlim(0, 1)
+        if loss == "error":
+            _set_limits(ax, limits)
         ax.grid(alpha=0.3)
     return fig, ax
 
@@ -768,6 +827,8 @@ def ranking_table(ranking, ax=None, *, best_by: str = "kendall_tau"):
     """The complexity measures' rank correlation with the generalization error as a table (measure,
     Kendall τ, p, Spearman ρ, p, n), the best measure (largest `best_by`) highlighted (Chatterji Tables 1-3).
 
+    p-values below 0.001 print as <0.001; those of fewer than 5 models are marked † with a footnote.
+
     Args:
         ranking: the ranking table of `rank_runs` (or its `(models, ranking)` pair).
         ax: axes to draw into; default a new figure.
@@ -778,9 +839,14 @@ def ranking_table(ranking, ax=None, *, best_by: str = "kendall_tau"):
     _require(ranking, ["measure", "kendall_tau", "kendall_p", "spearman_rho", "spearman_p"], "ranking table")
     if ranking.empty:
         raise LayercritError("the ranking table is empty")
-    cells = [[_measure_name(r.measure), _num(r.kendall_tau, "+.2f"), _num(r.kendall_p, ".2g"),
-              _num(r.spearman_rho, "+.2f"), _num(r.spearman_p, ".2g"), str(getattr(r, "n", ""))]
+    def p(v, n) -> str:
+        mark = "†" if isinstance(n, (int, np.integer)) and n < SMALL_N and not pd.isna(v) else ""
+        return format_p(v) + mark
+
+    cells = [[_measure_name(r.measure), _num(r.kendall_tau, "+.2f"), p(r.kendall_p, getattr(r, "n", None)),
+              _num(r.spearman_rho, "+.2f"), p(r.spearman_p, getattr(r, "n", None)), str(getattr(r, "n", ""))]
              for r in ranking.itertuples()]
+    small = sorted({int(n) for n in ranking["n"] if n < SMALL_N}) if "n" in ranking else []
     score = pd.to_numeric(ranking[best_by], errors="coerce").to_numpy(float)
     best = int(np.nanargmax(score)) if np.isfinite(score).any() else None
     with style():
@@ -801,6 +867,10 @@ def ranking_table(ranking, ax=None, *, best_by: str = "kendall_tau"):
                 cell.set_text_props(weight="bold")
         ax.set_title(f"Rank correlation with {ranking['against'].iloc[0] if 'against' in ranking else 'ge'}"
                      f" (best by {_COLUMN_NAMES.get(best_by, best_by)} highlighted)")
+        if small:
+            ax.text(0.5, -0.02, f"† n = {', '.join(map(str, small))} < {SMALL_N} models: too few for a test; no exact "
+                    f"two-sided p-value can be below {2 / math.factorial(max(small)):.2g}", transform=ax.transAxes,
+                    ha="center", va="top", fontsize=_SMALL, style="italic")
     return fig, ax
 
 
@@ -832,3 +902,178 @@ def save_figure(fig, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix[1:], bbox_inches="tight")
     return path
+
+
+# --- proxies of the pruning literature against real resets ----------------------------------------
+
+
+def proxy_scatter(proxies, criticality=None, axes=None, *, probe: str | None = None,
+                  proxy_names: Sequence[str] | None = None):
+    """Block proxies against the real criticality (%) of the same blocks, one panel per proxy.
+
+    One colour per model; Spearman's ρ in each panel's title.
+
+    Args:
+        proxies: a `ProxyResult` (its own criticality is used unless `criticality` is given) or a
+            proxies table (then `criticality` is needed).
+        criticality: `measure`'s result or table, or None.
+        axes: a sequence of axes, one per proxy; default a new figure.
+        probe: the probe whose criticality is the y axis (default: rerandomize if present, else the first).
+        proxy_names: the proxies to draw (default: every single-block proxy).
+    """
+    from .proxies import paired_table
+
+    pairs = paired_table(proxies, criticality)
+    if pairs.empty:
+        raise LayercritError("no block has both a proxy value and a criticality: nothing to draw")
+    probes = list(dict.fromkeys(pairs["probe"]))
+    probe = probe or ("rerandomize" if "rerandomize" in probes else probes[0])
+    if probe not in probes:
+        raise LayercritError(f"no criticality of probe {probe!r}; present: {_listing(probes)}")
+    pairs = pairs[pairs["probe"] == probe]
+    names = list(proxy_names or dict.fromkeys(pairs["proxy"]))
+    unknown = [p for p in names if p not in set(pairs["proxy"])]
+    if unknown:
+        raise LayercritError(f"unknown proxy {unknown[0]!r}; present: {_listing(dict.fromkeys(pairs['proxy']))}")
+    models = list(dict.fromkeys(pairs["model"])) if "model" in pairs else ["model"]
+    with style():
+        if axes is None:
+            from matplotlib.figure import Figure
+
+            cols = min(3, len(names))
+            rows = -(-len(names) // cols)
+            fig = Figure(figsize=(2.8 * cols, 2.5 * rows), layout="constrained")
+            axes = list(fig.subplots(rows, cols, squeeze=False).ravel())
+            for extra in axes[len(names):]:
+                extra.set_visible(False)
+        else:
+            axes = list(np.ravel(axes))
+            fig = axes[0].figure
+        if len(axes) < len(names):
+            raise LayercritError(f"proxy_scatter draws {len(names)} panels but got {len(axes)} axes")
+        for ax, name in zip(axes, names):
+            g = pairs[pairs["proxy"] == name]
+            for m, color in zip(models, _palette(len(models))):
+                gm = g[g["model"] == m] if "model" in g else g
+                ax.scatter(gm["value"], gm["criticality"] * 100, s=18, color=color, label=m, zorder=3,
+                           edgecolors="white", linewidths=0.4)
+                if len(models) == 1:
+                    for _, r in gm.iterrows():
+                        ax.annotate(str(r.get("label", r["layer"])), (r["value"], r["criticality"] * 100),
+                                    fontsize=_SMALL, xytext=(2, 2), textcoords="offset points")
+            r = _correlate(g["value"].to_numpy(float), g["criticality"].to_numpy(float))
+            rho = "n/a" if math.isnan(r["spearman_r"]) else f"{r['spearman_r']:+.2f}"
+            ax.set_title(f"{name}  (Spearman ρ = {rho}, n={r['n']})")
+            ax.set_xlabel(name)
+            ax.set_ylabel(f"{probe} criticality (%)")
+            ax.grid(alpha=0.3)
+        if len(models) > 1:
+            axes[0].legend(frameon=False)
+    return fig, axes[0]
+
+
+def proxy_bump(proxies, criticality=None, ax=None, *, probes: Sequence[str] | None = None,
+               proxy_names: Sequence[str] | None = None):
+    """Ranking bump chart of the blocks under each proxy and under each probe's real criticality.
+
+    One line per block; rank 1 = least important (pruned first).
+
+    Args:
+        proxies: a `ProxyResult` of one model (or its table, with `criticality`).
+        criticality: `measure`'s result or table, or None (the `ProxyResult`'s own).
+        ax: axes to draw into; default a new figure.
+        probes: the criticality rankings to draw (default: every probe present).
+        proxy_names: the proxy rankings to draw (default: every single-block proxy).
+    """
+    from .proxies import paired_table
+
+    pairs = paired_table(proxies, criticality)
+    if pairs.empty:
+        raise LayercritError("no block has both a proxy value and a criticality: nothing to draw")
+    _one_model(pairs, "proxy_bump")
+    blocks = list(dict.fromkeys(pairs["layer"]))
+    labels = dict(zip(pairs["layer"], pairs["label"] if "label" in pairs else pairs["layer"]))
+    columns: dict[str, pd.Series] = {}
+    for name in proxy_names or dict.fromkeys(pairs["proxy"]):
+        g = pairs[pairs["proxy"] == name].drop_duplicates("layer").set_index("layer")["value"]
+        if g.empty:
+            raise LayercritError(f"unknown proxy {name!r}; present: {_listing(dict.fromkeys(pairs['proxy']))}")
+        columns[name] = g
+    for probe in probes or dict.fromkeys(pairs["probe"]):
+        g = pairs[pairs["probe"] == probe].drop_duplicates("layer").set_index("layer")["criticality"]
+        if g.empty:
+            raise LayercritError(f"no criticality of probe {probe!r}; present: {_listing(dict.fromkeys(pairs['probe']))}")
+        columns[f"{probe} (real)"] = g
+    ranks = pd.DataFrame({k: v.reindex(blocks).rank(method="first") for k, v in columns.items()})
+    with style():
+        fig, ax = _new_axes(ax, (max(4.0, 1.1 * len(columns) + 1.5), max(2.5, 0.28 * len(blocks) + 1.0)))
+        xs = np.arange(len(columns))
+        for (block, row), color in zip(ranks.iterrows(), _palette(len(blocks))):
+            ax.plot(xs, row.to_numpy(float), marker="o", markersize=4, color=color, linewidth=1.2)
+            ax.annotate(str(labels[block]), (xs[-1], row.iloc[-1]), xytext=(4, 0), textcoords="offset points",
+                        fontsize=_SMALL, va="center", color=color)
+        ax.set_xticks(xs, list(columns), rotation=30, ha="right")
+        ax.set_ylim(len(blocks) + 0.5, 0.5)
+        ax.set_ylabel("rank (1 = least important)")
+        ax.set_title("Block rankings: proxies vs real criticality")
+        ax.grid(alpha=0.3, axis="x")
+    return fig, ax
+
+
+PLOTS["proxy-scatter"] = proxy_scatter
+PLOTS["proxy-bump"] = proxy_bump
+
+
+# --- distribution shift (layercrit.shifts) ---------------------------------------------------------
+
+
+def shift_heatmaps(table, axes=None, *, probe: str | None = None, annotate: bool | None = None):
+    """Per layer, criticality (%) on clean and on shifted data, and shifted − clean per shift and severity.
+
+    Args:
+        table: one model's results of `measure(..., shifts=[...])` (a `shift` column), or its result.
+        axes: two axes (levels, differences); default a new figure.
+        probe: the probe shown, when the table holds several.
+        annotate: write the values in the cells (default: if at most 400 cells).
+
+    Rows of the difference panel carry the Pearson correlation of the shifted with the clean profile.
+    """
+    from .shifts import CLEAN, shift_correlations, shift_summary
+
+    t = _unwrap(table)
+    _require(t, ["shift", "layer", "criticality"], "results table")
+    _one_model(t, "shift_heatmaps")
+    s = shift_summary(t, probe)
+    pairs = list(dict.fromkeys(zip(s["probe"], s["target"])))
+    if len(pairs) > 1:
+        raise LayercritError(f"shift_heatmaps shows one probe; the table holds "
+                             f"{_listing(_probe_label(p, g) for p, g in pairs)}: pass probe=")
+    corr = shift_correlations(t, probe).set_index("shift")["pearson_r"]
+    labels, shifts = list(dict.fromkeys(s["label"])), list(dict.fromkeys(s["shift"]))
+    clean = s.drop_duplicates("label").set_index("label")["clean"]
+    levels = pd.DataFrame([clean.reindex(labels).to_numpy(float)]
+                          + [s[s["shift"] == sh].set_index("label")["shifted"].reindex(labels).to_numpy(float)
+                             for sh in shifts], index=[f"{CLEAN} (clean)", *shifts], columns=labels) * 100
+    diff = pd.DataFrame([s[s["shift"] == sh].set_index("label")["diff"].reindex(labels).to_numpy(float) for sh in shifts],
+                        index=[f"{sh}  r={_num(corr.get(sh, math.nan), '.2f')}" for sh in shifts], columns=labels) * 100
+    finite = np.abs(diff.to_numpy(float))
+    finite = finite[np.isfinite(finite)]
+    limit = max(1.0, float(np.ceil(finite.max()))) if finite.size else 1.0
+    with style():
+        if axes is None:
+            from matplotlib.figure import Figure
+
+            w1, h1 = _heatmap_size(levels)
+            w2, h2 = _heatmap_size(diff)
+            fig = Figure(figsize=(max(w1, w2), min(h1 + h2, 18.0)), layout="constrained")
+            axes = fig.subplots(2, 1, height_ratios=[len(levels), len(diff)])
+        fig = axes[0].figure
+        _heatmap(axes[0], levels, cbar_label="criticality (%)", annotate=annotate)
+        axes[0].set_title(f"Layer criticality ({_probe_label(*pairs[0])}), clean and shifted data")
+        _heatmap(axes[1], diff, cmap="RdBu_r", vmin=-limit, vmax=limit, cbar_label="shifted − clean (%)",
+                 annotate=annotate, fmt=_signed if limit >= 5 else _pct)
+        axes[1].set_title("Shifted minus clean (r: Pearson correlation of the layer profiles)")
+    return fig, axes
+
+
+PLOTS["shift"] = shift_heatmaps

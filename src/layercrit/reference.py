@@ -23,7 +23,7 @@ from .errors import LayercritError
 from .labels import _BLOCK, _gavrikov
 from .store import Store
 
-__all__ = ["import_reference", "read_reference"]
+__all__ = ["UNKNOWN_CATEGORY", "import_reference", "read_reference"]
 
 PROBE = "rerandomize"
 # Columns that map onto the store's measures; the reference CSV has them all.
@@ -33,6 +33,8 @@ EXTRA = ["batch_acc", "pred_ce_loss", "recovered_acc"]
 _NUMERIC = ["trial", "pred_cos_sim", "top1_acc", "top5_acc", "loss", "pred_l1_err", "pred_l2_err", "pred_ce_loss",
             "recovered_acc"]
 _TOL = 1e-6
+# Category of a model that has results but no metadata row.
+UNKNOWN_CATEGORY = "unknown"
 
 
 def _read_csv(path: Path, what: str) -> pd.DataFrame:
@@ -80,13 +82,20 @@ def read_reference(results_csv: str | Path, metadata_csv: str | Path) -> tuple[p
     Args:
         results_csv: the reference implementation's results (columns as in the module docstring).
         metadata_csv: one row per model: `model_id`, `category` and any further columns
-            (e.g. `accuracy`), which become free metadata.
+            (e.g. `accuracy`), which become free metadata. A model with results but no row gets
+            category "unknown" and no metadata, with one warning naming all such models.
 
     Returns:
         (results, models): results as rows in the store's column names plus the extra fields
         `batch_acc`, `pred_ce_loss`, `recovered_acc`; models with `model`, `category` and the
         other metadata columns.
     """
+    rows, models, _ = _read(results_csv, metadata_csv)
+    return rows, models
+
+
+def _read(results_csv: str | Path, metadata_csv: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """`read_reference`, plus the models that had no metadata row."""
     results_csv, metadata_csv = Path(results_csv), Path(metadata_csv)
     raw = _read_csv(results_csv, "reference results")
     meta = _read_csv(metadata_csv, "model metadata")
@@ -125,7 +134,11 @@ def read_reference(results_csv: str | Path, metadata_csv: str | Path) -> tuple[p
         raise LayercritError(f"model metadata {str(metadata_csv)!r} lists model {dup.iloc[0]!r} twice")
     missing = [m for m in dict.fromkeys(raw["model_id"]) if m not in set(meta["model"])]
     if missing:
-        raise LayercritError(f"model metadata {str(metadata_csv)!r} has no row for models {', '.join(missing)}")
+        # The published results hold a model the paper's analysis leaves out (resnet50_frozen_random):
+        # its rows are kept, under a category that says so, and left out of metadata statistics.
+        warnings.warn(f"model metadata {str(metadata_csv)!r} has no row for models {', '.join(missing)}; "
+                      f"imported with category {UNKNOWN_CATEGORY!r} and no metadata", stacklevel=2)
+        meta = pd.concat([meta, pd.DataFrame({"model": missing, "category": UNKNOWN_CATEGORY})], ignore_index=True)
     meta = meta[["model", "category", *[c for c in meta.columns if c not in ("model", "category")]]]
 
     rows = pd.DataFrame({
@@ -140,7 +153,7 @@ def read_reference(results_csv: str | Path, metadata_csv: str | Path) -> tuple[p
     for col in EXTRA:
         if col in raw.columns:
             rows[col] = num.get(col, raw[col])
-    return rows, meta.reset_index(drop=True)
+    return rows, meta.reset_index(drop=True), missing
 
 
 def _metadata_dict(row: dict) -> dict:
@@ -164,13 +177,17 @@ def import_reference(results_csv: str | Path, metadata_csv: str | Path, store: S
     Returns:
         The number of result rows added.
     """
-    results, models = read_reference(results_csv, metadata_csv)
+    results, models, no_metadata = _read(results_csv, metadata_csv)
     digest = hashlib.sha256(Path(results_csv).read_bytes()).hexdigest()[:16]
     known = store.models()
     # A model a sweep described (spec/weights) keeps its description: put_model would overwrite it whole.
     described = set(known.loc[known["spec"].notna() | known["weights"].notna(), "model"])
+    # A model without a metadata row this time keeps whatever the store already says about it.
+    placeholder = set(no_metadata) & set(known["model"])
     for rec in models.to_dict(orient="records"):
         model, category = str(rec.pop("model")), rec.pop("category")
+        if model in placeholder:
+            continue
         if model in described:
             warnings.warn(f"model {model!r} is already described in the store; its description is kept and the "
                           f"reference metadata not applied", stacklevel=2)

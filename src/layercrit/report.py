@@ -1,7 +1,9 @@
 """A self-contained HTML report: what was run, the figures, the tables and a plain reading.
 
 `index.html` embeds every figure as a PNG data URI and needs no network: it opens from a USB
-stick. Tables are sortable by clicking a header (a few lines of inline JavaScript).
+stick. Figures span the page's width and open at full size on a click; tables are sortable by
+clicking a header (a few lines of inline JavaScript). Tables show criticality and accuracy in %,
+as the figures do; p-values below 0.001 as <0.001; a note says why a value is missing.
 """
 
 from __future__ import annotations
@@ -12,15 +14,15 @@ import html
 import io
 import math
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from .errors import LayercritError
-from .io import atomic_path
-from .results import UNMODIFIED, CriticalityResult, summarize_trials
+from .io import atomic_path, check_output_dir, make_output_dir
+from .results import UNMODIFIED, CriticalityResult, format_number, format_p, summarize_trials
 
 __all__ = ["AUXILIARY", "CRITICAL", "build_report"]
 
@@ -30,7 +32,10 @@ CRITICAL = 50.0  # criticality (%) from which a layer is called critical
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222;
 line-height:1.45;padding:0 1rem}h1{font-size:1.6rem}h2{font-size:1.25rem;margin-top:2.2rem;border-bottom:1px solid #ddd}
-figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.9rem;color:#555}
+figure{margin:1rem 0}figure img{display:block;width:100%;max-width:100%;height:auto;max-height:85vh;object-fit:contain;
+border:1px solid #eee;cursor:zoom-in}figcaption{font-size:.9rem;color:#555}
+.lightbox{position:fixed;inset:0;z-index:10;overflow:auto;background:rgba(20,20,20,.88);cursor:zoom-out;padding:1rem;
+text-align:center}.lightbox img{max-width:none;background:#fff}.settings{font-size:.85rem;color:#444}
 table{border-collapse:collapse;font-size:.85rem;margin:.6rem 0}th,td{padding:.25rem .6rem;border-bottom:1px solid #eee;
 text-align:right}th{cursor:pointer;background:#f6f6f6;position:sticky;top:0}td:first-child,th:first-child{text-align:left}
 .reading{background:#f3f8ff;border-left:4px solid #3b7dd8;padding:.6rem 1rem}.meta td{text-align:left}
@@ -44,8 +49,15 @@ document.querySelectorAll('table.sortable th').forEach(function(th){th.addEventL
  var rows=Array.prototype.slice.call(b.rows);rows.sort(function(x,y){var a=x.cells[i].textContent,c=y.cells[i].textContent,
  p=parseFloat(a),q=parseFloat(c);var r=(!isNaN(p)&&!isNaN(q))?p-q:a.localeCompare(c);return asc?r:-r});
  rows.forEach(function(r){b.appendChild(r)})})});
-window.addEventListener('load',function(){var imgs=document.images,ok=0;for(var k=0;k<imgs.length;k++){
- if(imgs[k].complete&&imgs[k].naturalWidth>0)ok++}document.body.setAttribute('data-images',ok+'/'+imgs.length)});
+document.querySelectorAll('figure img').forEach(function(img){img.addEventListener('click',function(){
+ var box=document.createElement('div'),big=new Image();box.className='lightbox';big.src=img.src;big.alt=img.alt;
+ box.appendChild(big);box.addEventListener('click',function(){box.remove()});document.body.appendChild(box)})});
+document.addEventListener('keydown',function(e){var box=document.querySelector('.lightbox');
+ if(e.key==='Escape'&&box)box.remove()});
+window.addEventListener('load',function(){var imgs=document.images,ok=0,w=1;for(var k=0;k<imgs.length;k++){
+ if(imgs[k].complete&&imgs[k].naturalWidth>0)ok++;var f=imgs[k].closest('figure');
+ if(f)w=Math.min(w,imgs[k].getBoundingClientRect().width/f.getBoundingClientRect().width)}
+ document.body.setAttribute('data-images',ok+'/'+imgs.length);document.body.setAttribute('data-figure-width',w.toFixed(3))});
 """
 
 
@@ -59,22 +71,36 @@ class _Page:
         self.sections.append(f"<h2>{html.escape(heading)}</h2>\n" + "\n".join(parts))
 
 
+_FIGURE_PX = 1600  # natural width of an embedded figure: sharp at the page's ~1070 px, larger when opened
+
+
 def _figure(fig, caption: str) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight", dpi=110)
+    dpi = min(300.0, max(110.0, _FIGURE_PX / fig.get_figwidth()))
+    fig.savefig(buf, format="png", bbox_inches="tight", dpi=dpi)
     data = base64.b64encode(buf.getvalue()).decode()
-    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+    return (f'<figure><img alt="{html.escape(caption)}" title="click to enlarge" src="data:image/png;base64,{data}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def _table(df: pd.DataFrame, digits: int = 2, limit: int = 400) -> str:
-    def cell(v):
+def _significant(v: float) -> str:
+    return "—" if math.isnan(v) else "0" if abs(v) < 1e-12 else f"{v:.4g}"
+
+
+def _table(df: pd.DataFrame, digits: int = 2, limit: int = 400, significant: Sequence[str] = ()) -> str:
+    """A sortable table; floats with `digits` decimals (rounding noise as 0) or, in the columns
+    `significant`, 4 significant digits; p-value columns (`*_p`) as <0.001 below display precision;
+    NaN as "—"."""
+    kind = {i: "p" if str(c).endswith("_p") else "g" if c in significant else "f" for i, c in enumerate(df.columns)}
+
+    def cell(i, v):
         if isinstance(v, float):
-            return "—" if math.isnan(v) else f"{v:.{digits}f}"
+            fmt = {"p": format_p, "g": _significant}.get(kind[i], lambda x: format_number(x, digits))
+            return html.escape(fmt(v))
         return html.escape(str(v))
 
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{cell(i, v)}</td>" for i, v in enumerate(row)) + "</tr>"
                    for row in df.head(limit).itertuples(index=False))
     more = f"<p>… {len(df) - limit} more rows in the data files.</p>" if len(df) > limit else ""
     return f'<div class="scroll"><table class="sortable"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{more}'
@@ -97,19 +123,28 @@ def _try(page: _Page, parts: list[str], make: Callable, caption: str) -> None:
 
 
 def _reading(means: pd.Series, what: str, auxiliary: float, critical: float) -> str:
-    """Plain-language verdict per layer from mean criticality in % (index: layer labels)."""
+    """Plain-language verdict per layer from mean criticality in % (index: layer labels), by the
+    report's own thresholds: a layer is called the most critical only if it is critical by them."""
+    means = means.dropna()
     crit = [k for k, v in means.items() if v >= critical]
     aux = [k for k, v in means.items() if v < auxiliary]
     mid = [k for k, v in means.items() if auxiliary <= v < critical]
     fmt = lambda xs: ", ".join(html.escape(str(x)) for x in xs) or "none"  # noqa: E731
-    top = means.idxmax() if len(means) else None
+    if not len(means):
+        verdict = ""
+    elif crit:
+        verdict = f" The most critical layer is {html.escape(str(means.idxmax()))} ({means.max():.1f} %)."
+    elif len(aux) == len(means):
+        verdict = (f" No layer is critical: every layer stays below {auxiliary:g} % (the largest, "
+                   f"{html.escape(str(means.idxmax()))}, {means.max():.1f} %).")
+    else:
+        verdict = (f" No layer is critical by the threshold of {critical:g} %; the largest mean criticality is "
+                   f"{means.max():.1f} % ({html.escape(str(means.idxmax()))}).")
     return (
         f'<div class="reading"><p>Under {html.escape(what)}, <span class="crit">critical</span> layers '
         f"(mean criticality ≥ {critical:g} %: re-setting them changes the decisions): {fmt(crit)}.</p>"
         f'<p><span class="aux">Auxiliary</span> layers (&lt; {auxiliary:g} %: the decisions barely change): {fmt(aux)}.</p>'
-        f"<p>In between: {fmt(mid)}."
-        + (f" The most critical layer is {html.escape(str(top))} ({means.max():.1f} %)." if top is not None else "")
-        + "</p></div>"
+        f"<p>In between: {fmt(mid)}.{verdict}</p></div>"
     )
 
 
@@ -147,14 +182,20 @@ def _results_report(page: _Page, result: CriticalityResult, auxiliary: float, cr
     _try(page, parts, lambda: plots.criticality_bars(main), f"Criticality under {first}: mean over trials with 95 % CI.")
     page.add("Figures", *parts)
     s = summarize_trials(t)
-    cols = [c for c in ["label", "probe", "target", "trials", "criticality_mean", "criticality_sem", "criticality_ci_low",
-                        "criticality_ci_high", "accuracy_mean", "accuracy_drop_mean", "agreement_mean", "kl_mean"] if c in s]
-    page.add("Per-layer summary (fractions; mean over trials)", _table(s[cols], 4))
+    titles = {"criticality_mean": "criticality %", "criticality_sem": "s.e. %", "criticality_ci_low": "95 % CI low",
+              "criticality_ci_high": "95 % CI high", "accuracy_mean": "accuracy %",
+              "accuracy_drop_mean": "accuracy drop (points)", "agreement_mean": "agreement %", "kl_mean": "KL"}
+    cols = [c for c in ["label", "probe", "target", "trials", *titles] if c in s]
+    shown = s[cols].copy()
+    for c in cols:
+        if c in titles and c != "kl_mean":
+            shown[c] = shown[c] * 100
+    page.add("Per-layer summary (%, mean over trials; KL in nats)", _table(shown.rename(columns=titles), 2, significant=["KL"]))
 
 
 def _store_report(page: _Page, store_path: Path, baseline: str | None, auxiliary: float, critical: float) -> None:
     from . import plots
-    from .compare import summarize
+    from .compare import column_title, readable_models, summarize
     from .store import Store
 
     with Store(store_path, create=False) as store:
@@ -175,7 +216,7 @@ def _store_report(page: _Page, store_path: Path, baseline: str | None, auxiliary
         "probe": probe, "data subsets": ", ".join(sorted(set(models_meta["data_identity"].dropna().astype(str)))) or "—",
         "sweeps": len(runs), "versions": f"layercrit {last['layercrit_version']}, torch {last['torch_version']}" if last is not None else "—",
     }))
-    means = c.layers.set_index("label")["mean"]
+    means = c.layers.set_index("label")["mean"] * 100
     page.add("Main result", _reading(means, f"'{probe}', averaged over {len(c.models)} models", auxiliary, critical)
              + _DEFINITION)
     parts: list[str] = []
@@ -189,10 +230,12 @@ def _store_report(page: _Page, store_path: Path, baseline: str | None, auxiliary
     if "epsilon" in c.models.columns:
         _try(page, parts, lambda: plots.criticality_vs_metadata(c.models), "Average criticality vs training attack budget ε.")
     page.add("Figures", *parts)
-    page.add("Models", _table(c.models, 2))
-    page.add("Layers (mean ± std across models, %)", _table(c.layers, 2))
+    page.add("Models (%: criticality and measured accuracy; zoo metadata as written)", _table(readable_models(c.models), 2))
+    page.add("Layers (mean ± std across models, %)", _table(c.layers.assign(mean=c.layers["mean"] * 100,
+                                                                             std=c.layers["std"] * 100), 2))
     if len(c.correlations):
-        page.add("Correlations", _table(c.correlations, 3))
+        corr = c.correlations.assign(against=c.correlations["against"].map(lambda a: column_title(a).replace(" %", "")))
+        page.add("Correlations", _table(corr, 3))
 
 
 def _checkpoints_report(page: _Page, run_dir: Path, auxiliary: float, critical: float, progress: bool,
@@ -200,6 +243,7 @@ def _checkpoints_report(page: _Page, run_dir: Path, auxiliary: float, critical: 
     from . import plots
     from .checkpoints import Run
     from .data import load_data
+    from .generalization import describe_search, network_note
     from .modcrit import run_module_criticality
     from .robustness import robustness, weight_distances
 
@@ -215,8 +259,7 @@ def _checkpoints_report(page: _Page, run_dir: Path, auxiliary: float, critical: 
         "run": str(run_dir), "model": f"{run.model_spec} {run.model_kwargs}", "training data": cfg.get("data"),
         "evaluation data": rob.config.get("data"), "evaluation subset": f"n = {rob.config.get('n')}, identity {rob.config.get('data_identity')}",
         "checkpoints": ", ".join(f"E{e}" for e in run.epochs), "re-randomization trials": "3, seed 0",
-        "module criticality": f"ε ∈ {mc.config['epsilon']}, {mc.config['alphas']} α, {mc.config['noise_draws']} noise "
-        f"draws, σ to ×{1 + mc.config['sigma_rtol']:g}, {mc.config['n']} training samples",
+        "module criticality": describe_search(mc.config),
         "versions": ", ".join(f"{k} {v}" for k, v in rob.config.get("versions", {}).items()),
     }))
     t = rob.table
@@ -230,8 +273,15 @@ def _checkpoints_report(page: _Page, run_dir: Path, auxiliary: float, critical: 
     _try(page, parts, lambda: plots.modcrit_curves(mc.curve), "Training error along the path from θ⁰ (α = 0) to θᶠ (α = 1).")
     _try(page, parts, lambda: plots.network_criticality_vs_epsilon(mc.network), "Network criticality vs ε.")
     page.add("Figures", *parts)
-    page.add("Module criticality", _table(mc.table[["label", "epsilon", "alpha", "sigma", "mu", "delta_norm", "n_params", "note"]], 4))
-    page.add("Network criticality", _table(mc.network, 4))
+    search = f'<p class="settings">These numbers depend on the search: {html.escape(describe_search(mc.config))}.</p>'
+    loss = mc.config.get("loss", "error")
+    pct = ["epsilon", "threshold", "loss", "train_loss"] if loss == "error" else []
+    module = mc.table[["label", "epsilon", "alpha", "sigma", "mu", "delta_norm", "n_params", "loss", "note"]]
+    network = mc.network.assign(note=[network_note(r, loss) for _, r in mc.network.iterrows()])
+    for name, df in (("Module criticality", module), ("Network criticality", network)):
+        df = df.assign(**{c: df[c] * 100 for c in pct if c in df})
+        df = df.rename(columns={c: f"{c} %" for c in pct})
+        page.add(name, search, _table(df, 2, significant=[c for c in df.columns if not str(c).endswith(" %")]))
 
 
 def build_report(
@@ -266,9 +316,7 @@ def build_report(
         raise LayercritError("give exactly one of --store, --results or --checkpoints")
     if not 0 <= auxiliary < critical <= 100:
         raise LayercritError(f"Expected 0 ≤ auxiliary < critical ≤ 100, got {auxiliary} and {critical}")
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise LayercritError(f"report folder's parent {str(out.parent)!r} does not exist")
+    out = check_output_dir(out)  # created with its parents when the page is written
     page = _Page(title or "layercrit report")
     if results is not None:
         result = results if isinstance(results, CriticalityResult) else CriticalityResult.load(results)
@@ -285,7 +333,7 @@ def build_report(
            f'<meta name="layercrit-figures" content="{page.figures}"><style>{_CSS}</style></head><body>'
            f"<h1>{html.escape(page.title)}</h1><p>{html.escape(stamp)}</p>{''.join(page.sections)}"
            f"<script>{_JS}</script></body></html>")
-    out.mkdir(exist_ok=True)
+    make_output_dir(out)
     path = out / "index.html"
     with atomic_path(path) as tmp:
         tmp.write_text(doc, encoding="utf-8")

@@ -13,12 +13,17 @@ import pandas as pd
 from .errors import LayercritError
 from .io import atomic_path, check_output_path
 
-__all__ = ["UNMODIFIED", "CriticalityResult", "save_table", "summarize_trials"]
+__all__ = ["INFO_COLUMNS", "UNMODIFIED", "CriticalityResult", "correlation_note", "format_number", "format_p", "format_percent", "save_table",
+           "summarize_trials"]
 
 UNMODIFIED = "(unmodified)"
 KEYS = ["model", "layer", "label", "probe"]
 ROW_COLUMNS = ["model", "layer", "label", "probe", "target", "trial", "seed", "n", "n_params"]
-VALUE_COLUMNS = ["criticality", "accuracy", "top5", "accuracy_drop", "agreement", "l1", "l2", "kl", "loss"]
+VALUE_COLUMNS = ["criticality", "accuracy", "top5", "accuracy_drop", "agreement", "l1", "l2", "kl", "loss", "rel_l2",
+                 "perplexity"]
+# Per row, not averaged over trials: the output adapter (layercrit.outputs), how many compared rows
+# (samples or tokens) had a non-finite output and were left out of the means, and a note saying so.
+INFO_COLUMNS = ["output", "n_nonfinite", "note"]
 
 
 def summarize_trials(table: pd.DataFrame, keys: list[str] | None = None, measures: list[str] | None = None) -> pd.DataFrame:
@@ -28,7 +33,7 @@ def summarize_trials(table: pd.DataFrame, keys: list[str] | None = None, measure
     """
     from scipy import stats  # deferred: scipy.stats costs a second at import
 
-    keys = [k for k in (keys or KEYS + ["target"]) if k in table.columns]
+    keys = [k for k in (keys or KEYS + ["target", "shift"]) if k in table.columns]  # shift: layercrit.shifts
     measures = [m for m in (measures or VALUE_COLUMNS) if m in table.columns]
     rows = []
     for key, g in table.groupby(keys, sort=False, dropna=False):
@@ -52,11 +57,11 @@ def save_table(table: pd.DataFrame, path: str | Path, config: dict | None = None
     `.json` holding `{"config", "rows", **extra}`. With `config=None` no config file is written."""
     path = check_output_path(path, (".csv", ".json"))
     if path.suffix.lower() == ".csv":
-        with atomic_path(path) as tmp:
+        with atomic_path(path) as tmp:  # the table lands only after its config: a failed write of either leaves no table
             table.to_csv(tmp, index=False)
-        if config is not None:
-            with atomic_path(path.with_suffix(".config.json")) as tmp:
-                tmp.write_text(json.dumps(config, indent=2, default=str))
+            if config is not None:
+                with atomic_path(path.with_suffix(".config.json")) as tmp_config:
+                    tmp_config.write_text(json.dumps(config, indent=2, default=str))
         return path
     doc = {"config": config or {}, "rows": json.loads(table.to_json(orient="records"))}
     doc |= {k: json.loads(v.to_json(orient="records")) for k, v in (extra or {}).items()}
@@ -104,3 +109,52 @@ class CriticalityResult:
         if missing:
             raise LayercritError(f"results file {str(path)!r} lacks columns {', '.join(sorted(missing))}")
         return cls(table, config)
+
+
+# --- display: one scale per quantity -----------------------------------------------------------
+# Data (tables, CSV/JSON/Parquet) hold criticality and accuracy as fractions 0..1; what people read
+# (CLI tables, report, figures) shows them in %. These format numbers for reading.
+
+SMALL_N = 5  # fewer ranked models than this: a p-value says next to nothing
+
+
+def format_number(value, digits: int = 2, *, scale: float = 1.0, sign: bool = False, missing: str = "—") -> str:
+    """`value × scale` with `digits` decimals; NaN/None print as `missing` and anything that rounds
+    to zero as "0" (no "3.1e-18" or "-0.00" from floating-point noise)."""
+    if value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+        return missing
+    x = float(value) * scale
+    if math.isinf(x):
+        return "∞" if x > 0 else "−∞"
+    if abs(x) < 0.5 * 10.0**-digits:
+        return "0"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def format_percent(fraction, digits: int = 2, **kw) -> str:
+    """A fraction 0..1 shown in % (without the sign), as `format_number`."""
+    return format_number(fraction, digits, scale=100.0, **kw)
+
+
+def format_p(p, digits: int = 3, missing: str = "—") -> str:
+    """A p-value: `digits` decimals, and "<0.001" (for 3 digits) below display precision."""
+    if p is None or p is pd.NA or (isinstance(p, (float, np.floating)) and math.isnan(p)):
+        return missing
+    floor = 10.0**-digits
+    return f"<{floor:.{digits}f}" if float(p) < floor else f"{float(p):.{digits}f}"
+
+
+def correlation_note(n: int, x=None, y=None) -> str:
+    """Why a rank correlation of `n` points is undefined (NaN) or its p-value means little; "" if neither.
+
+    `x`, `y` (optional): the values, to say when one of them is constant.
+    """
+    if n < 3:
+        return f"n = {n}: fewer than 3 values, no rank correlation"
+    if x is not None and y is not None and (np.ptp(np.asarray(x, float)) == 0 or np.ptp(np.asarray(y, float)) == 0):
+        return "constant values: no ranking, no correlation"
+    if n < SMALL_N:
+        # Both tests' exact two-sided p-values are at least 2/n! (only the two orders that match exactly);
+        # scipy's Spearman p is a large-sample approximation and can print 0 here.
+        return f"n = {n} < {SMALL_N}: too few for a test (no exact p-value can be below {2 / math.factorial(n):.2g})"
+    return ""

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from .checkpoints import Run
 from .criticality import MeasureConfig, _row, measure
@@ -123,7 +124,8 @@ def robustness(
     spec = data if data is not None else run.test_data
     if spec is None:
         raise LayercritError(f"the run in {str(run.path)!r} has no held-out data of its own; pass the test data (--data)")
-    dataset = (spec if isinstance(spec, Dataset) else load_data(spec)).subset(images, data_seed)
+    dataset = (spec if isinstance(spec, Dataset) else load_data(spec)).subset(
+        images, data_seed, strict=settings.get("strict_images", False))
     if dataset.y is None:
         raise LayercritError(f"robustness needs labelled data; {dataset.spec!r} has no labels")
     epochs = run.epochs if epochs is None else list(epochs)
@@ -166,8 +168,10 @@ def weight_distances(
     layers: Sequence[str] | None = None,
     include_norm: bool = False,
     label_style: str = "auto",
+    progress: bool = False,
 ) -> pd.DataFrame:
-    """Distance of each layer's parameters at every checkpoint τ to checkpoint 0.
+    """Distance of each layer's parameters at every checkpoint τ to checkpoint 0 (`progress`: a bar
+    over the checkpoints × layers, spectral norms of large layers take a while).
 
     Columns `layer, label, epoch, l2, linf, spectral, n_params`: with Δ = θτ − θ⁰ over all of the
     unit's parameters, `l2` = ‖Δ‖₂/√dim and `linf` = ‖Δ‖∞ (Zhang Fig. 1b-c); `spectral` is the
@@ -180,7 +184,10 @@ def weight_distances(
     units = select_units(model, layers=layers, include_norm=include_norm, granularity=granularity, label_style=label_style)
     theta0 = run.state_dict(0)
     rows = []
-    for e in run.epochs if epochs is None else epochs:
+    epochs = run.epochs if epochs is None else list(epochs)
+    bar = tqdm(total=len(epochs) * len(units), desc=f"{run.path.name}: distances", unit="layer", disable=not progress,
+               leave=False)
+    for e in epochs:
         state = run.state_dict(e)
         for u in units:
             deltas = [(state[p] - theta0[p]).double() for p in u.params]
@@ -190,4 +197,6 @@ def weight_distances(
                 "l2": float(flat.norm() / math.sqrt(flat.numel())), "linf": float(flat.abs().max()),
                 "spectral": max(spectral_norm(d) for d in deltas), "n_params": u.n_params,
             })
+            bar.update()
+    bar.close()
     return pd.DataFrame(rows)

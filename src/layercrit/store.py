@@ -32,6 +32,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import LayercritError
+from .io import make_output_dir
 
 __all__ = ["SCHEMA_VERSION", "Store"]
 
@@ -87,8 +88,7 @@ class Store:
         if not self.path.exists():
             if not create:
                 raise LayercritError(f"results store {str(self.path)!r} does not exist")
-            if not self.path.parent.is_dir():
-                raise LayercritError(f"folder of the results store {str(self.path.parent)!r} does not exist")
+            make_output_dir(self.path.parent)  # created with its parents, as every output folder
         try:
             self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)  # explicit transactions
             self.db.execute("PRAGMA busy_timeout = 60000")

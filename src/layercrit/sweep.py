@@ -1,26 +1,31 @@
 """Sweeps over a model zoo: plan the missing work, run it locally or on Ray, store every result.
 
 A *unit* is one (model, layer, probe, trial); a *work item* is one (model, probe, trial) and a
-chunk of its layers, evaluated in one pass over the data. The driver plans the items that still
-have units missing from the store (so a re-run does only what is missing), runs them, and commits
-each item's rows as soon as it finishes: only the driver writes the store.
+chunk of its layers, evaluated in one pass over the data. The driver validates every model (weights,
+data, labels, probes) before the store is created, plans the items that still have units missing
+from the store (so a re-run does only what is missing), runs them, and commits each item's rows as
+soon as it finishes: only the driver writes the store. A commit is never cut by Ctrl-C or SIGTERM
+(they are held until it ends), so an interrupted sweep keeps every finished item.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import signal
+import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import build_model
-from .criticality import measure
+from .checkpoints import build_model, load_state_dict
+from .criticality import build_probes, measure
 from .data import Dataset, load_data
 from .errors import LayercritError
 from .layers import select_units
@@ -29,7 +34,7 @@ from .results import UNMODIFIED
 from .store import Store
 from .zoo import Zoo, ZooEntry, load_zoo
 
-__all__ = ["SweepReport", "WorkItem", "plan", "run_item", "sweep"]
+__all__ = ["SweepReport", "WorkItem", "plan", "run_item", "sweep", "validate"]
 
 
 @dataclass
@@ -101,20 +106,72 @@ def _probe_is_random(name: str) -> bool:
     return bool(getattr(cls, "random", False)) if isinstance(cls, type) and issubclass(cls, Probe) else True
 
 
-def plan(zoo: Zoo, store: Store, chunk_layers: int | None = None) -> tuple[list[WorkItem], int, int]:
+def _units_of(entry: ZooEntry, model: torch.nn.Module) -> list:
+    s = entry.settings
+    return select_units(model, layers=s.get("layers"), include_norm=s.get("include_norm", False),
+                        granularity=s.get("granularity", "layer"), label_style=s.get("label_style", "auto"))
+
+
+def _label_range_samples(data: Dataset) -> Dataset:
+    """The samples with the smallest and the largest label (the first sample without labels): checking
+    the model on them checks that it takes the inputs and has outputs for every label."""
+    from .inputs import take
+
+    idx = sorted({int(data.y.argmin()), int(data.y.argmax())}) if data.y is not None and len(data.y) else [0]
+    t = torch.tensor(idx)
+    return replace(data, x=take(data.x, t), y=None if data.y is None else data.y[t], indices=None, meta=dict(data.meta))
+
+
+def validate(zoo: Zoo) -> dict[str, list[str]]:
+    """Check every model of `zoo` before anything is written: its weights load, it takes the data, its
+    outputs cover the labels, its layer selection matches and its probes apply (run on two samples).
+
+    Returns:
+        Each model's units (layer names), in order.
+
+    Raises:
+        LayercritError: one problem per failing model.
+    """
+    units: dict[str, list[str]] = {}
+    problems: list[str] = []
+    for entry in zoo.entries:
+        s = entry.settings
+        try:
+            data = _data_of(entry)
+            model, factory = build_model(entry.factory, entry.weights, s.get("model_args"), data)
+            selected = _units_of(entry, model)
+            reference = load_state_dict(s["reference"]) if s.get("reference") else None
+            for probe in build_probes(s["probes"], factory, reference):
+                probe.check(model, selected)
+            measure(model, _label_range_samples(data), factory=factory, reference=reference, model_name=entry.id,
+                    probes=s["probes"], trials=1, units=[], batch_size=2, executor="full")
+            units[entry.id] = [u.name for u in selected]
+        except LayercritError as e:
+            problems.append(f"model {entry.id!r}: {e.message}")
+    if len(problems) == 1:
+        raise LayercritError(f"{problems[0]} (nothing was run)")
+    if problems:
+        raise LayercritError(f"{len(problems)} models of {str(zoo.path)!r} fail validation (nothing was run):", problems)
+    return units
+
+
+def plan(zoo: Zoo, store: Store, chunk_layers: int | None = None,
+         units_of: dict[str, list[str]] | None = None) -> tuple[list[WorkItem], int, int]:
     """The work items with units still missing from `store`; also (total units, units already done).
 
-    Builds each model once (untrained) to list its units, and loads each data spec once.
+    `units_of` (from `validate`) gives each model's units; without it each model is built once
+    (untrained) to list them. Each data spec is loaded once.
     """
     items: list[WorkItem] = []
     total = done = 0
     for entry in zoo.entries:
         s = entry.settings
         data = _data_of(entry)
-        model, _ = build_model(entry.factory, None, s.get("model_args"), data)
-        units = [u.name for u in select_units(model, layers=s.get("layers"), include_norm=s.get("include_norm", False),
-                                              granularity=s.get("granularity", "layer"),
-                                              label_style=s.get("label_style", "auto"))]
+        if units_of is not None and entry.id in units_of:
+            units = units_of[entry.id]
+        else:
+            model, _ = build_model(entry.factory, None, s.get("model_args"), data)
+            units = [u.name for u in _units_of(entry, model)]
         for probe in s["probes"]:
             h = config_hash(entry, probe, data)
             present = store.done_units(entry.id, h)
@@ -189,11 +246,12 @@ def sweep(
     if chunk_layers is not None and chunk_layers < 1:
         raise LayercritError(f"Expected `chunk_layers` to be a positive integer, got {chunk_layers!r}")
     zoo = zoo if isinstance(zoo, Zoo) else load_zoo(zoo)
+    units_of = validate(zoo)  # before the store exists: a zoo that cannot run leaves no file behind
     own_store = not isinstance(store, Store)
     store = Store(store) if own_store else store
     t0 = time.perf_counter()
     try:
-        items, total, done = plan(zoo, store, chunk_layers)
+        items, total, done = plan(zoo, store, chunk_layers, units_of)
         report = SweepReport(total, done)
         entries = {e.id: e for e in zoo.entries}
         for e in zoo.entries:
@@ -201,32 +259,37 @@ def sweep(
             store.put_model(e.id, e.category, e.metadata, spec=e.factory, weights=e.weights, config=e.settings,
                             data=e.settings["data"], data_identity=data.identity, n=len(data))
         run_id = store.start_run(str(zoo.path), zoo.to_dict() | {"backend": backend, "chunk_layers": chunk_layers})
-        bar = tqdm(total=total, initial=done, desc="sweep", unit="unit", disable=not progress, smoothing=0.1)
 
         def commit(item: WorkItem, rows: list[dict], seconds: float) -> None:
             t = time.perf_counter()
-            added = store.add_results(rows, item.config_hash, run_id)
+            with _signals_held():  # an interrupt waits for the commit: a finished item is never lost
+                added = store.add_results(rows, item.config_hash, run_id)
             report.store_seconds += time.perf_counter() - t
             report.compute_seconds += seconds
             report.added += added
             report.items += 1
             bar.update(added)  # units newly stored (an item's unmodified row counts once per model and probe)
 
-        try:
-            if backend == "local":
-                for item in items:
-                    t = time.perf_counter()
-                    try:
-                        rows = run_item(entries[item.model], item)
-                    except LayercritError as e:
-                        report.failures.append(f"model {item.model!r}: {e}")
-                        continue
-                    commit(item, rows, time.perf_counter() - t)
-            else:
-                _run_ray(items, entries, commit, report, address, workers)
-        finally:
-            bar.close()
-            store.finish_run(run_id)
+        # Ray starts before the bar, so its start-up messages print above it; log records (Ray's
+        # included) print through tqdm while the bar is shown.
+        with _ray_session(backend, items, address, workers) as ray, _logging_above_bars():
+            bar = tqdm(total=total, initial=done, desc="sweep", unit="unit", disable=not progress, smoothing=0.1)
+            try:
+                if backend == "local":
+                    for item in items:
+                        t = time.perf_counter()
+                        try:
+                            rows = run_item(entries[item.model], item)
+                        except LayercritError as e:
+                            report.failures.append(f"model {item.model!r}: {e}")
+                            continue
+                        commit(item, rows, time.perf_counter() - t)
+                else:
+                    _run_ray(ray, items, entries, commit, report)
+            finally:
+                bar.close()
+                store.finish_run(run_id)
+        report.failures = list(dict.fromkeys(report.failures))  # one line per failing model, not per work item
         report.elapsed = time.perf_counter() - t0
         return report
     finally:
@@ -234,34 +297,77 @@ def sweep(
             store.close()
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends (then act as usual); a no-op off the main thread."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def _logging_above_bars() -> Iterator[None]:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():
+        yield
+
+
 def _timed_item(entry: ZooEntry, item: WorkItem, threads: int | None) -> tuple[list[dict], float]:
     t = time.perf_counter()
     return run_item(entry, item, threads=threads), time.perf_counter() - t
 
 
-def _run_ray(items: Sequence[WorkItem], entries: dict, commit, report: SweepReport, address: str | None,
-             workers: int | None) -> None:
+@contextlib.contextmanager
+def _ray_session(backend: str, items: Sequence[WorkItem], address: str | None, workers: int | None):
+    """Ray, started (or joined) when the ray backend has work, shut down after if started here; else None."""
+    if backend != "ray" or not items:
+        yield None
+        return
     try:
         import ray
     except ImportError:
         raise LayercritError("the ray backend needs Ray: pip install 'layercrit[ray]'") from None
     started = not ray.is_initialized()
     if started:
+        # Workers' output stays in their log files (log_to_driver=False); the driver's own log
+        # records go through the logging module (configure_logging=False), which prints them above bars.
         kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+        sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
         try:
-            if address:
-                ray.init(address=address, **kwargs)
-            else:
-                ray.init(num_cpus=workers, **kwargs)
+            with _logging_above_bars():
+                if address:
+                    ray.init(address=address, **kwargs)
+                else:
+                    ray.init(num_cpus=workers, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise LayercritError(f"cannot start or join Ray{f' at {address!r}' if address else ''}: {e}") from None
+        finally:
+            if sigterm is not None:  # ray.init replaces the SIGTERM handler with sys.exit: keep the caller's
+                signal.signal(signal.SIGTERM, sigterm)
     try:
-        gpus = 1 if torch.cuda.is_available() else 0
-        # One CPU (and GPU, where there is one) per task; a task whose worker dies is retried.
-        task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=3)(_timed_item)
-        pending = {task.remote(entries[i.model], i, None if gpus else 1): i for i in items}
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run_ray(ray, items: Sequence[WorkItem], entries: dict, commit, report: SweepReport) -> None:
+    gpus = 1 if torch.cuda.is_available() else 0
+    # One CPU (and GPU, where there is one) per task; a task whose worker dies is retried.
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=3)(_timed_item)
+    pending = {task.remote(entries[i.model], i, None if gpus else 1): i for i in items}
+    try:
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)  # wakes up for Ctrl-C / SIGTERM
+            if not ready:
+                continue
             item = pending.pop(ready[0])
             try:
                 rows, seconds = ray.get(ready[0])
@@ -271,5 +377,6 @@ def _run_ray(items: Sequence[WorkItem], entries: dict, commit, report: SweepRepo
                 continue
             commit(item, rows, seconds)
     finally:
-        if started:
-            ray.shutdown()
+        for ref in pending:  # interrupted: the tasks still running are not wanted any more
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)

@@ -22,7 +22,7 @@ from .checkpoints import apply_weights, load_checkpoint, save_checkpoint
 from .data import Dataset, held_out_spec, load_data
 from .engine import eval_mode, logits_of
 from .errors import LayercritError, check_int
-from .io import atomic_path
+from .io import atomic_path, check_output_dir, make_output_dir
 from .models import factory_for_data
 from .seeding import generator
 
@@ -137,9 +137,7 @@ def train(
         device: where to train (default: CUDA when available, else CPU; deterministic on CPU).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out_dir = Path(out_dir)
-    if not out_dir.parent.is_dir():
-        raise LayercritError(f"output folder's parent {str(out_dir.parent)!r} does not exist")
+    out_dir = check_output_dir(out_dir)  # created with its parents once the data has loaded
     train_data, test_data = _load_pair(config)
     fmt = train_data.meta.get("format", "npz")
     lr = config.lr if config.lr is not None else DEFAULT_LR.get(fmt, 0.05)
@@ -171,7 +169,7 @@ def train(
         start = ckpt["epoch"]
     elif out_dir.exists() and (out_dir / MANIFEST).is_file():
         raise LayercritError(f"{str(out_dir)!r} already holds a training run; use resume or another folder")
-    out_dir.mkdir(exist_ok=True)
+    make_output_dir(out_dir)
     # Only the epoch boundaries saved with optimizer state can be resumed bit-exactly, so every
     # checkpoint carries it: the epoch-0 one too.
 
@@ -201,7 +199,11 @@ def train(
     if start == 0 and not manifest["checkpoints"]:
         save(0)
     x_all, y_all = train_data.x, train_data.y
-    for epoch in tqdm(range(start + 1, config.epochs + 1), desc="train", unit="epoch", disable=not progress, initial=start, total=config.epochs):
+    # One step per SGD batch (a total and an ETA from the first batches on), the epoch in the description.
+    steps = -(-len(x_all) // config.batch_size)
+    bar = tqdm(total=config.epochs * steps, initial=start * steps, desc="train", unit="batch", disable=not progress)
+    for epoch in range(start + 1, config.epochs + 1):
+        bar.set_description(f"train epoch {epoch}/{config.epochs}", refresh=False)
         model.train()
         perm = torch.randperm(len(x_all), generator=g)
         for i in range(0, len(perm), config.batch_size):
@@ -214,8 +216,10 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            bar.update()
         sched.step()
         if epoch in config.save_epochs:
             save(epoch)
+    bar.close()
     model.eval()
     return TrainRun(model, out_dir, manifest)

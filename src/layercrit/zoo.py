@@ -44,7 +44,7 @@ SETTINGS: dict[str, tuple[Any, str]] = {
     "layers": (list, "a list of layer globs"),
     "include_norm": (bool, "true or false"),
     "granularity": (str, "'layer' or 'block'"),
-    "label_style": (str, "'auto', 'name', 'gavrikov' or 'zhang'"),
+    "label_style": (str, "'auto', 'name', 'gavrikov', 'figure' or 'zhang'"),
     "batch_size": (int, "a positive integer"),
     "executor": (str, "'auto', 'incremental' or 'full'"),
     "autocast": (str, "'bf16' or 'fp16'"),
@@ -130,7 +130,7 @@ def _check_setting(key: str, value: Any, where: str, problems: list[str]) -> Non
     if ok and key == "autocast":
         ok = value in ("bf16", "fp16")
     if ok and key == "label_style":
-        ok = value in ("auto", "name", "gavrikov", "zhang")
+        ok = value in ("auto", "name", "gavrikov", "figure", "zhang")
     if ok and key == "layers":
         ok = all(isinstance(g, str) for g in value)
     if not ok:

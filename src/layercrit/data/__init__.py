@@ -2,7 +2,10 @@
 
 Specs:
     `digits` (the test split; `digits:train`, `digits:all`): scikit-learn's 8×8 digits.
-    `path/to/file.npz`: arrays `x` and optional `y`.
+    `path/to/file.npz`: arrays `x` and optional `y`, or named model inputs (`input_ids`, …) and
+        optional `labels`.
+    `text:FILE`: a text file tokenized by a local Hugging Face tokenizer (`tokenizer=DIR`), packed
+        into windows of `seq_len` tokens every `stride` tokens.
     `cifar10:DIR[:train|test]`: a `cifar-10-batches-py` folder.
     `mnist:DIR[:train|test]`: a folder with the four MNIST IDX files (optionally `.gz`).
     `imagefolder:DIR`: one subfolder of images per class (ImageNet validation layout; one split).
@@ -21,8 +24,10 @@ from .digits import load_digits
 from .imagefolder import Normalize, load_imagefolder, wrap_normalized
 from .mnist import load_mnist
 from .npz import load_npz
+from .text import load_text
 
 __all__ = [
+    "SPECS",
     "Dataset",
     "Normalize",
     "held_out_spec",
@@ -32,12 +37,25 @@ __all__ = [
     "load_imagefolder",
     "load_mnist",
     "load_npz",
+    "load_text",
     "wrap_normalized",
 ]
 
+# Every form of a data spec and what it loads (help texts list them all; keep in step with `load_data`).
+SPECS: dict[str, str] = {
+    "digits[:train|test|all]": "scikit-learn's 8×8 digits (default split: test for evaluation, train for training)",
+    "FILE.npz": "arrays x (inputs, used as given) and optionally y (integer labels); or named model inputs "
+                "(input_ids, attention_mask, …: integer dtypes kept) and optionally labels",
+    "text:FILE": "a text file tokenized by a local Hugging Face tokenizer (--tokenizer DIR), packed into windows "
+                 "of --seq-len tokens every --stride tokens",
+    "cifar10:DIR[:train|test]": "a cifar-10-batches-py folder",
+    "mnist:DIR[:train|test]": "a folder with the four MNIST IDX files (optionally .gz)",
+    "imagefolder:DIR": "one subfolder of images per class (ImageNet validation layout), resized and center-cropped",
+    "DIR": "a data folder, its format detected: CIFAR-10 batches, MNIST IDX files or class subfolders",
+}
 SPEC_FORMS = (
     "'digits[:train|test|all]', 'cifar10:DIR[:train|test]', 'mnist:DIR[:train|test]', 'imagefolder:DIR', "
-    "a file ending in .npz or a data folder"
+    "'text:FILE', a file ending in .npz or a data folder"
 )
 _SPLIT_LOADERS = {"cifar10": load_cifar10, "mnist": load_mnist}
 
@@ -53,18 +71,28 @@ def _detect(folder: Path) -> str | None:
     return None
 
 
-def load_data(spec: str, split: str | None = None) -> Dataset:
+def load_data(spec: str, split: str | None = None, *, tokenizer: str | Path | None = None, seq_len: int | None = None,
+              stride: int | None = None) -> Dataset:
     """Load a data spec.
 
     Args:
         spec: `digits[:train|test|all]`, `cifar10:DIR[:train|test]`, `mnist:DIR[:train|test]`,
-            `imagefolder:DIR`, a `.npz` file or a data folder (format detected).
+            `imagefolder:DIR`, `text:FILE`, a `.npz` file or a data folder (format detected).
         split: default split when the spec names none ("test" for evaluation, "train" for training);
             ignored by `.npz` files and image folders, which hold one split.
+        tokenizer, seq_len, stride: for `text:FILE` only (see `load_text`): a local Hugging Face
+            tokenizer folder, tokens per window, tokens between window starts.
     """
     if not isinstance(spec, str) or not spec:
         raise LayercritError(f"Expected a data spec such as 'digits', 'cifar10:DIR' or 'file.npz', got {spec!r}")
     name, _, rest = spec.partition(":")
+    if name == "text":
+        if not rest:
+            raise LayercritError(f"data spec {spec!r} names no file; expected 'text:FILE'")
+        return load_text(rest, tokenizer, seq_len, stride, spec=spec)
+    given = [flag for flag, v in (("--tokenizer", tokenizer), ("--seq-len", seq_len), ("--stride", stride)) if v is not None]
+    if given:
+        raise LayercritError(f"{', '.join(given)} apply to text:FILE data only, not to {spec!r}")
     if name == "digits":
         return load_digits(rest or split or "test")
     if name in _SPLIT_LOADERS or name == "imagefolder":

@@ -132,5 +132,6 @@ def load_cifar10(path: str | Path, split: str = "test", spec: str | None = None)
         torch.from_numpy(y),
         spec=spec or f"cifar10:{root}:{split}",
         num_classes=10,
-        meta={"format": "cifar10", "split": split, "path": str(root), "mean": mean, "std": std},
+        meta={"format": "cifar10", "split": split, "path": str(root), "mean": mean, "std": std,
+              "normalization": {"mean": mean, "std": std}},  # x = (pixels − mean) / std, pixels in [0, 1]
     )

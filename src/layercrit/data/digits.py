@@ -47,5 +47,6 @@ def load_digits(split: str = "test") -> Dataset:
         torch.from_numpy(y[sl].copy()),
         spec=f"digits:{split}",
         num_classes=10,
-        meta={"split": split, "format": "digits", "mean": mean, "std": std},
+        meta={"split": split, "format": "digits", "mean": mean, "std": std,
+              "normalization": {"mean": mean, "std": std}},  # x = (pixels − mean) / std, pixels in [0, 1]
     )

@@ -216,6 +216,7 @@ def load_imagefolder(
             "files": entry["files"],
             "skipped": skipped,
             "normalize": normalize,
+            "normalization": {"mean": 0.0, "std": 1.0},  # x holds the [0, 1] pixels themselves
             "resize": resize,
             "crop": crop,
             "cached": cached,

@@ -108,5 +108,6 @@ def load_mnist(path: str | Path, split: str = "test", spec: str | None = None) -
         torch.from_numpy(data[1]),
         spec=spec or f"mnist:{root}:{split}",
         num_classes=10,
-        meta={"format": "mnist", "split": split, "path": str(root), "mean": mean, "std": std, "stats_from": stats_from},
+        meta={"format": "mnist", "split": split, "path": str(root), "mean": mean, "std": std, "stats_from": stats_from,
+              "normalization": {"mean": mean, "std": std}},  # x = (pixels − mean) / std, pixels in [0, 1]
     )

@@ -1,7 +1,9 @@
-"""Model registry and factory specs: `create_model("fcn-3x256")`, `module:callable`, `file.py:callable`."""
+"""Model registry and factory specs: `create_model("fcn-3x256")`, `module:callable`, `file.py:callable`,
+and the libraries' own constructors, `torchvision:NAME` and `timm:NAME`."""
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -90,20 +92,70 @@ def _load_file_module(path: Path):
     return module
 
 
+def _torchvision(name: str) -> Callable[..., nn.Module]:
+    import torchvision.models
+
+    if name not in torchvision.models.list_models():
+        raise _unknown("torchvision", name, torchvision.models.list_models())
+
+    def build(**kwargs: Any) -> nn.Module:
+        # No `weights`: the untrained model, initialized as torchvision initializes it.
+        return torchvision.models.get_model(name, **kwargs)
+
+    return build
+
+
+def _timm(name: str) -> Callable[..., nn.Module]:
+    import timm
+
+    if not timm.is_model(name):
+        raise _unknown("timm", name, timm.list_models())
+
+    def build(**kwargs: Any) -> nn.Module:
+        return timm.create_model(name, **({"pretrained": False} | kwargs))
+
+    return build
+
+
+_LIBRARIES: dict[str, Callable[[str], Callable[..., nn.Module]]] = {"torchvision": _torchvision, "timm": _timm}
+
+
+def _unknown(library: str, name: str, names: list[str]) -> LayercritError:
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    hint = f"; close matches: {', '.join(close)}" if close else ""
+    return LayercritError(f"{library} has no model {name!r}{hint} (see {library}'s list_models())")
+
+
+def _library_factory(spec: str, kwargs: dict[str, Any]) -> ModelFactory:
+    """`torchvision:NAME` / `timm:NAME`: the library's constructor without pretrained weights, so
+    that `rerandomize` draws from the library's own initialization."""
+    library, _, name = spec.partition(":")
+    if not name:
+        raise LayercritError(f"model spec {spec!r} names no model; expected '{library}:NAME', e.g. '{library}:resnet50'")
+    try:
+        fn = _LIBRARIES[library](name)
+    except ImportError as e:
+        raise LayercritError(f"model spec {spec!r} needs {library}, which cannot be imported ({e}); "
+                             "install it with `pip install layercrit[vision]`") from None
+    return ModelFactory(spec, fn, kwargs)
+
+
 def resolve_factory(spec: str, **kwargs: Any) -> ModelFactory:
     """Turn a model spec into a factory.
 
     Args:
-        spec: a registered name (see `list_models()`), `package.module:callable`, or
-            `path/to/file.py:callable`.
-        **kwargs: keyword arguments for the constructor.
+        spec: a registered name (see `list_models()`), `torchvision:NAME` or `timm:NAME` (the
+            library's constructor, untrained), `package.module:callable`, or `path/to/file.py:callable`.
+        **kwargs: keyword arguments for the constructor (e.g. `num_classes`).
     """
     if spec in MODELS:
         return ModelFactory(spec, MODELS.get(spec), dict(kwargs), builtin=True)
+    if spec.partition(":")[0] in _LIBRARIES:
+        return _library_factory(spec, dict(kwargs))
     if ":" not in spec:
         raise LayercritError(
-            f"unknown model {spec!r}; expected a built-in name ({', '.join(list_models())}), "
-            "'package.module:callable' or 'path/to/file.py:callable'"
+            f"unknown model {spec!r}; expected a built-in name ({', '.join(list_models())}), 'torchvision:NAME', "
+            "'timm:NAME', 'package.module:callable' or 'path/to/file.py:callable'"
         )
     target, _, attr = spec.rpartition(":")
     if not target or not attr:
