@@ -131,7 +131,7 @@ def bench_a(args) -> None:
     times = interleaved(fns, args.repeats)
     diffs = {"layercrit (measure, defaults)": max_diff(got["lc"], got["naive"]),
              "layercrit, executor=full": max_diff(got["full"], got["naive"])}
-    print(f"  kept values: peak {got['lc'].config['kept_peak_bytes'] / 2**20:.1f} MiB per batch "
+    print(f"  kept values: peak {got['lc'].config.get('kept_peak_bytes', 0) / 2**20:.1f} MiB per batch "
           f"(executor {got['lc'].config['executor_used']})")
     report(f"(a) {MODEL} layer criticality, {args.images} in-memory images, batch {args.batch_size}", times, diffs,
            len(got["naive"]))

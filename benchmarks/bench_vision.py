@@ -6,9 +6,9 @@ one layer from a fresh untrained model of the trial, run the whole model), in th
     .venv-eco/bin/python benchmarks/bench_vision.py --models timm:resnet50 --repeats 3
 
 Every conv/linear layer (the paper's 54) x 3 re-randomization trials = 162 probes per model. The
-models are untrained (random init) with BatchNorm statistics set from the images (one train-mode pass,
-as a trained model has statistics of its data: without them an untrained ResNet-50's logits are so
-large that every probe's criticality is 0 or 1). Times include building the fresh model of each trial
+models are untrained (random init) with trained-like BatchNorm layers: affine parameters drawn away from
+their init and statistics set from the images (one train-mode pass, as a trained model has statistics of
+its data; see `calibrate`). Times include building the fresh model of each trial
 on both sides; layercrit's also include tracing and the trace check.
 """
 
@@ -28,7 +28,14 @@ from layercrit.seeding import derive_seed
 
 
 def calibrate(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Trained-like normalization: BatchNorm statistics of `x`, affine parameters drawn away from their
+    init (timm zero-initializes each block's last norm, which would make every block the identity)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in norms:
+            m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5 + 0.25)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # the cumulative average of this one pass

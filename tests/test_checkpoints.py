@@ -64,3 +64,20 @@ def test_mismatch_names_the_keys():
     sd["fc1.weight"] = torch.zeros(3, 3)
     with pytest.raises(LayercritError, match=r"missing keys fc2.bias; unexpected keys extra.weight; shape mismatch .*fc1.weight \(3, 3\) vs \(64, 64\)"):
         apply_weights(model, sd)
+
+
+def test_non_persistent_buffers_are_not_a_mismatch():
+    """A file that holds a buffer the model keeps out of its state dict (Hugging Face's `position_ids`,
+    saved by older versions) loads; a really unknown key is still named."""
+    import torch.nn as nn
+
+    class WithIds(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+            self.register_buffer("position_ids", torch.arange(4), persistent=False)
+
+    state = WithIds().state_dict() | {"position_ids": torch.arange(4)}
+    apply_weights(WithIds(), state)
+    with pytest.raises(LayercritError, match="unexpected keys nope"):
+        apply_weights(WithIds(), state | {"nope": torch.zeros(1)})

@@ -39,7 +39,7 @@ def test_npz(tmp_path):
 @pytest.mark.parametrize(
     "arrays, message",
     [
-        ({"z": np.zeros((3, 2))}, "has no array 'x'"),
+        ({"y": np.zeros(3, dtype=int)}, "has no array 'x' and no named inputs"),  # other arrays are named model inputs
         ({"x": np.zeros(3)}, "expected numbers of shape"),
         ({"x": np.zeros((3, 2)), "y": np.zeros(2, dtype=int)}, "expected integer labels of shape"),
         ({"x": np.zeros((3, 2)), "y": np.zeros(3)}, "expected integer labels"),

@@ -71,6 +71,7 @@ def test_cifar_splits_shapes_and_normalization(tmp_path):
         "path": str(tmp_path / "c"),
         "mean": 0,
         "std": std,
+        "normalization": {"mean": mean, "std": std},  # what distribution shifts un-normalize with
     }
     assert test.num_classes == train.num_classes == 10
 
@@ -239,6 +240,9 @@ def _folder(root):
     return colours
 
 
+RAW = {"mean": (0, 0, 0), "std": (1, 1, 1)}  # the [0, 1] pixels themselves, for geometry checks
+
+
 def test_imagefolder_classes_order_and_values(tmp_path):
     _folder(tmp_path / "f")
     data = load_imagefolder(tmp_path / "f", resize=16, crop=12)
@@ -246,10 +250,15 @@ def test_imagefolder_classes_order_and_values(tmp_path):
     assert data.meta["files"] == ["ant/x.jpg", "cat/c.png", "cat/z.jpeg", "dog/a.PNG", "dog/b.png"]
     assert data.y.tolist() == [0, 1, 1, 2, 2]
     assert data.x.shape == (5, 3, 12, 12) and data.x.dtype == torch.float32
-    # Uniform PNGs keep their colour exactly through resize and crop: colour / 255, not normalized.
-    assert torch.equal(data.x[1], torch.tensor([1.0, 2.0, 3.0]).div(255).view(3, 1, 1).expand(3, 12, 12))
-    assert torch.equal(data.x[4], torch.tensor([200.0, 0, 0]).div(255).view(3, 1, 1).expand(3, 12, 12))
-    assert data.meta["normalize"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    # Uniform PNGs keep their colour exactly through resize and crop: (colour / 255 - mean) / std per
+    # channel, ImageNet's constants by default (what pretrained torchvision/timm weights expect).
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    for i, colour in ((1, [1.0, 2.0, 3.0]), (4, [200.0, 0, 0])):
+        expected = ((torch.tensor(colour).div(255).view(3, 1, 1) - mean) / std).expand(3, 12, 12)
+        torch.testing.assert_close(data.x[i], expected, rtol=0, atol=1e-6)
+    assert data.meta["normalization"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    raw = load_imagefolder(tmp_path / "f", resize=16, crop=12, **RAW)
+    assert torch.equal(raw.x[1], torch.tensor([1.0, 2.0, 3.0]).div(255).view(3, 1, 1).expand(3, 12, 12))
     assert (data.meta["format"], data.meta["split"], data.meta["skipped"]) == ("imagefolder", "all", [])
 
 
@@ -258,7 +267,7 @@ def test_imagefolder_default_resize_and_crop(tmp_path):
     rng = np.random.default_rng(2)
     arr = rng.integers(0, 256, (300, 400, 3))
     _save(tmp_path / "f" / "a" / "img.png", arr)
-    data = load_imagefolder(tmp_path / "f", cache=False)
+    data = load_imagefolder(tmp_path / "f", cache=False, **RAW)
     assert data.x.shape == (1, 3, 224, 224)
     ref = np.asarray(Image.fromarray(arr.astype(np.uint8)).resize((341, 256), Image.BILINEAR))[16:240, 58:282]
     assert torch.equal(data.x[0], torch.from_numpy(ref.transpose(2, 0, 1).copy()).float() / 255)
@@ -268,15 +277,15 @@ def test_imagefolder_center_crop_offsets(tmp_path):
     """9×6 image, short side already 6: no resampling; crop 4 starts at top 1, left round(2.5) = 2."""
     arr = np.arange(9 * 6 * 3).reshape(6, 9, 3) % 256
     _save(tmp_path / "f" / "a" / "img.png", arr)
-    data = load_imagefolder(tmp_path / "f", resize=6, crop=4, cache=False)
+    data = load_imagefolder(tmp_path / "f", resize=6, crop=4, cache=False, **RAW)
     assert torch.equal(data.x[0] * 255, torch.from_numpy(arr[1:5, 2:6].transpose(2, 0, 1)).float())
 
 
 def test_imagefolder_jpeg_draft_close_to_full_decode(tmp_path):
     y, x = np.mgrid[0:1000, 0:1200]
     _save(tmp_path / "f" / "a" / "big.jpg", np.stack([x % 256, y % 256, (x + y) // 10 % 256], -1))
-    fast = load_imagefolder(tmp_path / "f", resize=64, crop=48, cache=False)
-    full = load_imagefolder(tmp_path / "f", resize=64, crop=48, cache=False, draft=False)
+    fast = load_imagefolder(tmp_path / "f", resize=64, crop=48, cache=False, **RAW)
+    full = load_imagefolder(tmp_path / "f", resize=64, crop=48, cache=False, draft=False, **RAW)
     assert fast.x.shape == full.x.shape == (1, 3, 48, 48)
     assert float((fast.x - full.x).abs().mean()) < 0.05
 
@@ -318,7 +327,7 @@ def test_imagefolder_cache(tmp_path, monkeypatch):
     assert len(load().x) == 5 and len(calls) == 5
     _save(tmp_path / "f" / "cat" / "c.png", np.zeros((300, 300, 3)))
     os.utime(tmp_path / "f" / "cat" / "c.png", ns=(1, 1))  # same mtime as before, new size: new key
-    assert load().x[1].max() == 0 and len(calls) == 5
+    assert load(**RAW).x[1].max() == 0 and len(calls) == 5
     assert load(crop=8).x.shape == (5, 3, 8, 8) and len(calls) == 5  # other transform: other key
     for entry in (tmp_path / "cache").glob("imagefolder-*.pt"):
         entry.write_bytes(b"garbage")  # a damaged entry is decoded again and overwritten, never fatal
@@ -393,7 +402,9 @@ def test_load_data_dispatch(tmp_path):
         data = load_data(spec, split=split_arg)
         assert (data.meta["format"], data.meta["split"], len(data), data.spec) == (fmt, split, n, spec), spec
     image = load_data(str(f))
-    assert image.num_classes == 2 and image.x.shape == (1, 3, 224, 224) and torch.all(image.x == 1)
+    assert image.num_classes == 2 and image.x.shape == (1, 3, 224, 224) and torch.allclose(image.x * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+                                                                                + torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1),
+                                                                                torch.ones(1, 3, 224, 224))
     (tmp_path / "plain").mkdir()
     with pytest.raises(LayercritError, match="holds no CIFAR-10 batches .* name its format"):
         load_data(str(tmp_path / "plain"))

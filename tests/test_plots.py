@@ -114,6 +114,18 @@ def ranking() -> pd.DataFrame:
                          for m, t in [("log10_pfn", 0.2), ("dti", -0.4), ("network_criticality@0.1", 0.8), ("nop", np.nan)]])
 
 
+def proxy_result():
+    """Three blocks, two proxies, the rerandomize criticality of each block (two trials)."""
+    from layercrit.proxies import ProxyResult
+
+    blocks = [("h.0", "L00"), ("h.1", "L01"), ("h.2", "L02")]
+    table = pd.DataFrame([dict(model="gpt", layer=b, label=lab, proxy=p, n=1, value=v * (i + 1))
+                          for p, v in [("bi_token", 0.1), ("angular_all", 0.05)] for i, (b, lab) in enumerate(blocks)])
+    crit = pd.DataFrame([dict(model="gpt", layer=b, label=lab, probe="rerandomize", trial=t, criticality=0.2 * (3 - i) + t / 100)
+                         for i, (b, lab) in enumerate(blocks) for t in range(2)])
+    return ProxyResult(table, criticality=crit)
+
+
 # kind → (positional inputs, keyword arguments)
 INPUTS = {
     "heatmap": lambda: ((comparison(),), {}),
@@ -127,6 +139,8 @@ INPUTS = {
     "modcrit-curves": lambda: ((curve(),), {}),
     "network-vs-epsilon": lambda: ((network(),), {}),
     "ranking": lambda: ((ranking(),), {}),
+    "proxy-scatter": lambda: ((proxy_result(),), {}),
+    "proxy-bump": lambda: ((proxy_result(),), {}),
 }
 
 
@@ -156,7 +170,7 @@ def ticks(labels) -> list[str]:
 
 def test_registry_lists_every_kind():
     kinds = ["heatmap", "bars", "difference", "spread", "vs-metadata", "vs-accuracy", "robustness", "distances",
-             "modcrit-curves", "network-vs-epsilon", "ranking"]
+             "modcrit-curves", "network-vs-epsilon", "ranking", "proxy-scatter", "proxy-bump"]
     assert list(PLOTS) == kinds == list(INPUTS)
     assert list(list_plots()) == kinds and all(list_plots().values())
 
@@ -172,9 +186,9 @@ def test_renders_png(kind, tmp_path):
 @pytest.mark.parametrize("kind", list(INPUTS))
 def test_draws_into_given_axes(kind):
     fig = Figure(figsize=(12, 4))
-    spare, *target = fig.subplots(1, 3 if kind == "distances" else 2)
+    spare, *target = fig.subplots(1, 3 if kind in ("distances", "proxy-scatter") else 2)
     args, kwargs = INPUTS[kind]()
-    if kind == "distances":
+    if kind in ("distances", "proxy-scatter"):
         got_fig, got = PLOTS[kind](*args, axes=target, **kwargs)
         assert list(got) == target
     else:

@@ -236,7 +236,7 @@ def test_skip_modes_and_bad_units():
     assert skip_mode(model, "encoder.layers.0.attn") == "zero"
     assert skip_mode(model, "encoder.layers.0.norm1") == "residual"  # a norm is skipped as the identity
     probe = PROBES.create("skip")
-    with pytest.raises(LayercritError, match=r"unit 'embed' .* is outside the blocks of encoder.layers; select blocks"):
+    with pytest.raises(LayercritError, match=r"unit 'embed' .* is not in the block stack \(encoder.layers\); select blocks"):
         probe.check(model, select_units(model, granularity="block"))
     with pytest.raises(LayercritError, match="needs a stack of repeated blocks"):
         probe.check(TinyMLP(), select_units(TinyMLP()))
@@ -399,3 +399,6 @@ def test_factory_that_returns_the_trained_weights_is_refused():
     torch.manual_seed(0)
     untrained = factory()
     Rerandomize(factory).check(untrained, select_units(untrained))
+    # nor are units whose values are constant whatever the seed (an untrained norm's ones and zeros)
+    norm = TinyCNN()
+    Rerandomize(TinyCNN).check(norm, select_units(norm, layers=["bn"], include_norm=True))

@@ -86,7 +86,7 @@ def test_relative_l2_by_hand():
 
 def test_last_positions_left_and_right_padding():
     assert last_positions(torch.tensor([[1, 1, 0], [0, 1, 1], [1, 1, 1]])).tolist() == [1, 2, 2]
-    with pytest.raises(ValueError, match="no tokens"):
+    with pytest.raises(LayercritError, match="no tokens"):
         last_positions(torch.tensor([[0, 0]]))
 
 
@@ -104,7 +104,7 @@ def test_shapes_and_vision_maps():
     fmap = torch.randn(2, 3, 4, 4)
     assert block_influence(fmap, fmap * 2).shape == (2, 1)  # one flat vector per sample
     assert block_influence(fmap[:, :, 0, 0], fmap[:, :, 0, 0]).shape == (2, 1)
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(LayercritError, match="does not fit"):
         block_influence(X0, X1, MASK[:, :2])
 
 
@@ -200,6 +200,8 @@ def test_compare_proxies_errors():
         compare_proxies(table.drop(columns="value"), crit_table)
     with pytest.raises(LayercritError, match="Expected `bootstrap`"):
         compare_proxies(table, crit_table, bootstrap=-1)
+    with pytest.raises(LayercritError, match="one model at a time"):
+        compare_proxies(table.assign(model=["a", "b", "a"]), crit_table)
     c = compare_proxies(table.assign(value=0.5), crit_table, bootstrap=10).correlations.iloc[0]
     assert math.isnan(c["spearman_r"]) and "constant" in c["note"]
 
@@ -351,6 +353,23 @@ def test_proxies_of_a_vit_and_compare_with_rerandomize():
     c = compare_proxies(r, bootstrap=50)
     assert set(c.correlations["probe"]) == {"skip", "rerandomize"}
     assert (c.pruning["k"] == 1).all()  # 2 blocks: k = 1 only
+
+
+def test_proxy_result_round_trips_through_json_and_csv(tmp_path):
+    torch.manual_seed(0)
+    r = proxies(TinyTransformer().eval(), torch.randn(4, 1, 8, 8), max_n=2)
+    for name in ("p.json", "p.csv"):
+        back = ProxyResult.load(r.save(tmp_path / name))
+        for part in ("table", "samples", "criticality", "criticality_samples", "pruning"):
+            a, b = getattr(r, part), getattr(back, part)
+            assert list(a.columns) == list(b.columns) and len(a) == len(b), (name, part)
+        assert back.config["blocks"] == r.config["blocks"]
+    a = compare_proxies(r, bootstrap=30).correlations
+    b = compare_proxies(ProxyResult.load(tmp_path / "p.csv"), bootstrap=30).correlations
+    pd.testing.assert_frame_equal(a, b)
+    with pytest.raises(LayercritError, match="lacks columns"):
+        r.criticality.to_csv(tmp_path / "c.csv")
+        ProxyResult.load(tmp_path / "c.csv")
 
 
 def test_cli_proxies_compare_and_plots(tmp_path, capsys):

@@ -274,11 +274,14 @@ def test_sigterm_and_sigint_stop_a_sweep_with_one_line_and_status_130_losing_not
 
 
 def test_log_records_of_libraries_print_above_the_progress_bar(zoo_dir, tmp_path, monkeypatch, capsys):
-    """Ray's start-up warning (a logging record) used to land inside the bar's line."""
+    """Ray's start-up warning (a logging record, through Ray's own console handler) used to land
+    inside the bar's line."""
     import logging
 
     import layercrit.sweep as sw
     from layercrit.cli import main
+
+    pytest.importorskip("ray")  # its logger prints through a handler of its own (as in the CLI's ray backend)
 
     real = sw.run_item
 
@@ -307,3 +310,22 @@ def test_a_model_failing_while_running_is_reported_once(zoo_dir, tmp_path, monke
     report = sweep(zoo_dir / "zoo.toml", tmp_path / "s.sqlite", progress=False)
     assert report.failures == ["model 'fcn-b': out of luck"]  # one line, not one per work item
     assert report.added == 2 * (1 + 3 * 3)
+
+
+def test_records_reaching_a_root_logger_without_handlers_print_above_bars(monkeypatch, capsys):
+    import logging
+
+    from tqdm.auto import tqdm
+
+    from layercrit.io import logging_above_bars
+
+    monkeypatch.setattr(logging.root, "handlers", [])  # as in a plain CLI process (pytest adds its own)
+    with logging_above_bars():
+        bar = tqdm(total=3, desc="work")
+        logging.getLogger("some.library").warning("a library speaks")
+        logging.getLogger("some.library").info("not shown: below WARNING, as without handlers")
+        bar.update(3)
+        bar.close()
+    assert logging.root.handlers == []
+    err = capsys.readouterr().err
+    assert re.search(r"(?:^|[\r\n])a library speaks\n", err) and "not shown" not in err, err

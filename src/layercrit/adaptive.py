@@ -35,20 +35,32 @@ its interval is disjoint from those of its neighbours in the ranking of its prob
 from __future__ import annotations
 
 import base64
+import functools
 import math
+import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
+import torch
+import torch.nn as nn
 
-__all__ = ["FIRST_IMAGES", "LEVEL", "MAX_TRIALS", "Cell", "Interval", "interval", "next_size", "run_rounds"]
+from .data import Dataset
+from .engine import Engine, Perturbation
+from .inputs import num_samples, take
+from .measures import MeasureSums
+from .seeding import derive_seed
+
+__all__ = ["FIRST_IMAGES", "FIRST_TRIALS", "LEVEL", "MAX_TRIALS", "AdaptiveRun", "Cell", "Checkpoint", "Interval",
+           "evaluate", "evaluation_order", "interval", "next_size", "run_rounds"]
 
 LEVEL = 0.95  # confidence level of the reported half-width
 FIRST_IMAGES = 512  # images of the first round (rounded up to whole batches)
+FIRST_TRIALS = 6  # fewest trials of a random probe's first round (fewer stop on a lucky variance: see tests)
 MAX_TRIALS = 50  # default cap on the trials of a random probe
+TRIAL_ALPHA = 0.6  # the trial term's quantile is taken at 1 − 0.6 α: 97 % for a 95 % interval
 GROWTH = 2.0  # most a round multiplies a cell's trials or images by
-TRIAL_LEVEL = 0.95
-INFL = 1.0
 SAFETY = 1.2  # variance margin when planning the next round (fewer looks: better coverage, see tests)
 
 
@@ -70,6 +82,11 @@ class Interval:
     images: int
     trial_var: float
     image_var: float
+
+
+def _trial_level(level: float) -> float:
+    """The trial term's quantile level: 97 % for a 95 % interval (see the module docstring)."""
+    return 1.0 - (1.0 - level) * TRIAL_ALPHA
 
 
 def _q(df: float, level: float = LEVEL) -> float:
@@ -99,7 +116,7 @@ def interval(trial_means: Sequence[float] | np.ndarray, image_sums: np.ndarray, 
         return Interval(mean, math.nan, t, n, trial_var, image_var)
     if (random and t < 2) or len(per_image) < 2:
         return Interval(mean, math.inf, t, n, trial_var, image_var)
-    a = _q(t - 1, TRIAL_LEVEL if level == LEVEL else level) ** 2 * trial_var * INFL / t if random and trial_var > 0 else 0.0
+    a = _q(t - 1, _trial_level(level)) ** 2 * trial_var / t if random and trial_var > 0 else 0.0
     b = _q(len(per_image) - 1, level) ** 2 * image_var / len(per_image) if image_var > 0 else 0.0
     return Interval(mean, math.sqrt(a + b), t, n, trial_var, image_var)
 
@@ -125,7 +142,7 @@ def next_size(iv: Interval, target: float, *, random: bool, images_cap: int, tri
     if random and t < 2:
         a = math.inf
     else:
-        a = SAFETY * _q(t - 1, level) ** 2 * iv.trial_var if random and iv.trial_var > 0 else 0.0
+        a = SAFETY * _q(t - 1, _trial_level(level)) ** 2 * iv.trial_var if random and iv.trial_var > 0 else 0.0
     b = SAFETY * _q(n - 1, level) ** 2 * iv.image_var if n > 1 and not math.isnan(iv.image_var) else math.inf
     h2 = target * target
     if h2 > 0 and math.isfinite(a) and math.isfinite(b):
@@ -252,8 +269,8 @@ def run_rounds(
     rank_only: bool = False,
     images_cap: int,
     trials_cap: int,
-    first_trials: int,
     step: int,
+    first_trials: int = FIRST_TRIALS,
     first_images: int = FIRST_IMAGES,
     level: float = LEVEL,
     on_round: Callable[[Sequence[Cell]], None] | None = None,
@@ -293,3 +310,133 @@ def run_rounds(
             todo.append((c, t, n))
         if not todo:
             return rounds
+
+
+# --- adaptive `measure`: the round loop on the engine ------------------------------------------
+
+
+class Checkpoint(Protocol):
+    """Where a measurement keeps its cells' statistics between rounds (a sweep: its results store),
+    so an interrupted run continues each cell's rounds instead of restarting them."""
+
+    def load(self) -> Mapping[tuple[str, str, str], Mapping]:
+        """The saved state of each cell, by (probe, target, unit)."""
+        ...
+
+    def save(self, states: Mapping[tuple[str, str, str], Mapping]) -> None:
+        """Keep the states of the cells that changed in the last round."""
+        ...
+
+
+@dataclass
+class AdaptiveRun:
+    """What `evaluate` measured: per perturbation key (probe, target, unit, trial) the measures as
+    `Engine.evaluate` gives them, and each row's `n`, `trials_used` and `half_width`."""
+
+    base: dict[str, float]
+    results: dict[tuple, dict[str, float]]
+    meta: dict[tuple, tuple]  # key -> (probe, unit, trial, seed)
+    extra: dict[tuple, dict]
+    stats: dict
+
+
+def evaluation_order(dataset: Dataset, data_seed: int = 0) -> Dataset:
+    """The evaluation subset in the seeded random order adaptive sampling takes its images in.
+
+    `Dataset.subset` keeps the samples sorted by position, so a prefix of it would favour the first
+    classes of a class-sorted folder; this order makes every prefix a simple random sample of the
+    subset. A fixed run on its first n samples uses the images an adaptive cell with `n` used.
+    """
+    order = np.random.Generator(np.random.PCG64(derive_seed(data_seed, "adaptive-order"))).permutation(len(dataset))
+    index = torch.from_numpy(order)
+    base = dataset.indices if dataset.indices is not None else np.arange(len(dataset))
+    return replace(dataset, x=take(dataset.x, index), y=None if dataset.y is None else dataset.y[index],
+                   indices=base[order], meta=dict(dataset.meta) | {"order": "adaptive"})
+
+
+def _sums_state(acc: MeasureSums) -> dict:
+    """A `MeasureSums` as JSON-ready values, bit-exact (floats in hex)."""
+    return {"n": int(acc.n), "nonfinite": int(acc.nonfinite),
+            "sums": {k: float(v).hex() for k, v in acc.sums.items()},
+            "counts": {k: int(v) for k, v in acc.counts.items()}}
+
+
+def _sums_restore(state: Mapping, device: torch.device) -> MeasureSums:
+    acc = MeasureSums()
+    acc.n = int(state["n"])
+    acc.nonfinite = torch.tensor(int(state["nonfinite"]), device=device)
+    acc.sums = {k: torch.tensor(float.fromhex(v), dtype=torch.float64, device=device) for k, v in state["sums"].items()}
+    acc.counts = {k: torch.tensor(int(v), device=device) for k, v in state["counts"].items()}
+    return acc
+
+
+def evaluate(engine: Engine, model: nn.Module, units: Sequence, probes: Sequence, config,
+             checkpoint: Checkpoint | None = None, desc: str = "model") -> AdaptiveRun:
+    """Adaptive sampling of every (probe, unit) of a measurement on `engine` (its inputs: the
+    evaluation subset in `evaluation_order`); `config` is the `MeasureConfig`."""
+    trials_cap = config.max_trials or MAX_TRIALS
+    images_cap = num_samples(engine.inputs)
+    cells, values = [], {}
+    for probe in probes:
+        target = probe.describe().get("target", "")
+        for unit in units:
+            cell = Cell(key=(probe.name, target, unit.name), group=(probe.name, target), random=bool(probe.random))
+            cells.append(cell)
+            values[cell.key] = (probe, unit)
+    accs: dict[tuple, MeasureSums] = {}
+    for key, state in (checkpoint.load() if checkpoint is not None else {}).items():
+        cell = next((c for c in cells if c.key == tuple(key)), None)
+        if cell is not None:
+            cell.restore(state)
+            accs |= {(*cell.key, int(t)): _sums_restore(s, engine.device) for t, s in state["sums"].items()}
+    stats = {"image_evaluations": 0, "unmodified_evaluations": 0}
+    changed: list[Cell] = []
+
+    def perturbation(cell: Cell, t: int) -> Perturbation:
+        probe, unit = values[cell.key]
+        return Perturbation((*cell.key, t), functools.partial(probe.values, model, unit, derive_seed(config.seed, t)))
+
+    def run(requests: list[Request]) -> None:
+        work: dict[tuple[int, int], list[tuple[Cell, int]]] = {}
+        for cell, trials, images in requests:
+            for t in range(trials):
+                start = cell.images if t < cell.trials else 0  # old trials: the new images only
+                if start < images:
+                    work.setdefault((start, images), []).append((cell, t))
+        new: dict[Cell, dict[int, tuple[float, np.ndarray]]] = {cell: {} for cell, _, _ in requests}
+        for (start, stop), items in sorted(work.items(), key=lambda kv: kv[0]):
+            engine.evaluate([perturbation(c, t) for c, t in items], desc=f"{desc}: images {start}-{stop}",
+                            samples=slice(start, stop), sums=accs, keep_samples=("criticality",))
+            for cell, t in items:
+                acc = accs[(*cell.key, t)]
+                kept = acc.samples.pop("criticality")
+                new[cell][t] = (acc.compute()["criticality"], torch.cat(kept).cpu().numpy())
+            stats["image_evaluations"] += len(items) * (stop - start)
+            stats["unmodified_evaluations"] += stop - start
+        for cell, trials, images in requests:
+            cell.add(trials, images, new[cell])
+        changed[:] = [cell for cell, _, _ in requests]
+
+    def save(_cells: Sequence[Cell]) -> None:
+        checkpoint.save({c.key: c.state() | {"sums": {str(t): _sums_state(accs[(*c.key, t)]) for t in range(c.trials)}}
+                         for c in changed})
+
+    started = time.perf_counter()
+    rounds = run_rounds(cells, run, precision=config.precision, rank_only=config.rank_only, images_cap=images_cap,
+                        trials_cap=trials_cap, step=engine.batch_size,
+                        first_trials=max(config.trials, FIRST_TRIALS), on_round=save if checkpoint else None)
+    seen = max((c.images for c in cells), default=_whole(FIRST_IMAGES, engine.batch_size, images_cap))
+    base, _ = engine.evaluate([], desc=f"{desc}: unmodified", samples=slice(0, seen))  # the fixed run's sums, in its order
+    stats["unmodified_evaluations"] += seen
+    results, meta, extra = {}, {}, {}
+    for cell in cells:
+        probe, unit = values[cell.key]
+        for t in range(cell.trials):
+            key = (*cell.key, t)
+            results[key] = accs[key].compute()
+            meta[key] = (probe, unit, t, derive_seed(config.seed, t))
+            extra[key] = {"n": cell.images, "trials_used": cell.trials, "half_width": cell.interval.half_width}
+    stats |= {"rounds": rounds, "seconds": time.perf_counter() - started, "images_used": seen,
+              "units_at_caps": sum(_capped(c, images_cap, trials_cap) and not c.interval.half_width <= (config.precision or 0)
+                                   for c in cells)}
+    return AdaptiveRun(base, results, meta, extra, stats)

@@ -29,7 +29,7 @@ from .criticality import measure
 from .data import Dataset, load_data
 from .engine import EXECUTORS
 from .errors import LayercritError
-from .io import check_output_dir, check_output_path
+from .io import check_output_dir, check_output_path, logging_above_bars
 from .layers import GRANULARITIES, list_layers
 from .models import ModelFactory
 from .probes import list_probes
@@ -919,8 +919,6 @@ def _warn(message, category, filename, lineno, file=None, line=None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 internal error or failed models, 2 bad input, 130 interrupted)."""
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     parser = build_parser()
     args = None
     main_thread = _is_main_thread()  # signal handlers can only be set there (tests may call main in a thread)
@@ -928,7 +926,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         # Log records of libraries (Ray, transformers, …) and warnings print above progress bars.
-        with warnings.catch_warnings(), logging_redirect_tqdm():
+        with warnings.catch_warnings(), logging_above_bars():
             warnings.simplefilter("default")
             warnings.showwarning = _warn
             return args.fn(args)

@@ -286,10 +286,15 @@ class Engine:
         for an executor that keeps values), and the output adapter with how it was chosen."""
         ex = self.executor
         reason = getattr(ex, "fallback_reason", None)
-        used = {"executor_used": "full" if reason else ex.name,
+        ran = getattr(ex, "_full", None) or ex  # what "auto" fell back to, if it did
+        if getattr(ran, "fallback_reason", None):  # the prefix executor's own fallback to the full forward
+            reason, ran = f"{reason}; {ran.fallback_reason}" if reason else ran.fallback_reason, ran._full
+        used = {"executor_used": ran.name,
                 "executor_reason": reason or getattr(ex, "reason", "") or "requested"}
-        if not reason and hasattr(ex, "peak_bytes"):
-            used["kept_peak_bytes"] = ex.peak_bytes
+        if ran.name != "full" and hasattr(ran, "peak_bytes"):
+            used["kept_peak_bytes"] = ran.peak_bytes
+        if getattr(ran, "concat_used", None) is not None:
+            used["batch_trials_used"] = ran.concat_used
         return used | {"output": self.output.name, "output_choice": self.output_choice}
 
     def _resident(self, inputs: Inputs, labels: torch.Tensor | None) -> tuple[Inputs, torch.Tensor | None]:

@@ -1,21 +1,24 @@
-"""Atomic file output: a failed or interrupted write never leaves a half-written file.
+"""Output: files written atomically, and console lines that keep clear of progress bars.
 
-Output folders are created on demand, with their parents (`--out runs/fcn/r.csv` needs no mkdir).
-A write that fails (a full disk, a read-only folder) raises a `LayercritError` naming the file
-and saying that it was left as it was.
+A failed or interrupted write never leaves a half-written file. Output folders are created on
+demand, with their parents (`--out runs/fcn/r.csv` needs no mkdir). A write that fails (a full
+disk, a read-only folder) raises a `LayercritError` naming the file and saying that it was left as
+it was. `logging_above_bars` prints the log records of libraries (Ray, …) above progress bars.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import LayercritError
 
-__all__ = ["atomic_path", "check_output_dir", "check_output_path", "make_output_dir"]
+__all__ = ["atomic_path", "check_output_dir", "check_output_path", "logging_above_bars", "make_output_dir"]
 
 
 def _check_creatable(folder: Path, what: str) -> None:
@@ -87,3 +90,52 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             reason = f"[Errno {e.errno}] {e.strerror}" if e.strerror else str(e)
             raise LayercritError(f"could not write {str(path)!r} ({reason}); nothing was written, the file was {state}") from None
         raise
+
+
+class _AboveBars(logging.Handler):
+    """Writes records with `tqdm.write`: above any progress bar, which is then redrawn."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def _prints_to_console(handler: logging.Handler) -> bool:
+    if isinstance(handler, logging.FileHandler) or not isinstance(handler, logging.StreamHandler):
+        return False
+    # Ray's handler writes to whatever sys.stderr is when a record comes, not to the stream it holds.
+    return (getattr(handler, "stream", None) in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+            or type(handler).__name__ == "PlainRayHandler")
+
+
+@contextlib.contextmanager
+def logging_above_bars() -> Iterator[None]:
+    """While inside, the console handlers of the root logger and of every logger that has its own
+    (Ray's, …) print through `tqdm.write`, so a library's message never lands inside a progress bar's
+    line. Loggers created inside the block are not covered: enter it after importing such libraries."""
+    loggers = [logging.root] + [lg for lg in list(logging.root.manager.loggerDict.values())
+                                if isinstance(lg, logging.Logger) and lg.handlers]
+    saved = [(lg, lg.handlers) for lg in loggers]
+    try:
+        for lg, handlers in saved:
+            console = [h for h in handlers if _prints_to_console(h)]
+            if not console and not (lg is logging.root and not handlers):
+                continue
+            above = _AboveBars()
+            if console:  # as the handler it replaces: its level, format and filters
+                # (Ray's driver-side handler prints through a plain `%(message)s` handler it holds)
+                shown = getattr(console[0], "plain_handler", console[0])
+                above.setLevel(console[0].level)
+                above.setFormatter(shown.formatter)
+                above.filters = list(console[0].filters)
+            else:  # a root logger without handlers prints WARNING and above (logging.lastResort): so does this
+                above.setLevel(logging.WARNING)
+            lg.handlers = [above] + [h for h in handlers if h not in console]
+        yield
+    finally:
+        for lg, handlers in saved:
+            lg.handlers = handlers

@@ -8,7 +8,10 @@ et al. name blocks `stage0`, `stage1.resblk1`, …, `final_linear`. The styles a
 module names, so torchvision's and timm's ResNets (same names: `conv1`, `layer1.0.conv1`,
 `layer1.0.downsample.0`, `fc`) and a user's factory with those names get them; a `downsample`
 convolution and its norm are told apart by type (timm's ResNet-D puts an average pool first).
-Other models are labelled with their module names.
+Models with a stack of blocks (transformers, see `blocks.find_block_stack`) get short labels by block
+(`L03`, `L03.attn`, `L03.mlp.down`, `embed`, `head`; tied parameters named: `embed (tied: lm_head)`),
+and `stack_units` gives their block, attn and mlp units. Other models are labelled with their module
+names.
 """
 
 from __future__ import annotations

@@ -119,8 +119,12 @@ def _first_positions(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, t, length).amin(1)
 
 
+# Every adapter name (K: a positive integer); `hidden` alone means `hidden:mean`.
+NAMES = ("logits", "next-token", "next-token:last", "next-token:every:K", "hidden:mean", "hidden:cls", "hidden:last")
+
+
 def _choices() -> str:
-    return "logits, next-token, next-token:last, next-token:every:K, hidden:mean, hidden:cls, hidden:last"
+    return ", ".join(NAMES)
 
 
 class OutputAdapter:
@@ -358,7 +362,7 @@ def _logits(spec: str = "") -> Logits:
 
 def list_outputs() -> list[str]:
     """The adapter names (`next-token` and `hidden` take a suffix, see `create_output`)."""
-    return _choices().split(", ")
+    return list(NAMES)
 
 
 def is_causal_lm(model: nn.Module) -> bool:

@@ -917,9 +917,12 @@ def proxy_scatter(proxies, criticality=None, axes=None, *, probe: str | None = N
         proxies: a `ProxyResult` (its own criticality is used unless `criticality` is given) or a
             proxies table (then `criticality` is needed).
         criticality: `measure`'s result or table, or None.
-        axes: a sequence of axes, one per proxy; default a new figure.
+        axes: one axes per proxy; default a new figure.
         probe: the probe whose criticality is the y axis (default: rerandomize if present, else the first).
         proxy_names: the proxies to draw (default: every single-block proxy).
+
+    Returns:
+        (fig, list of axes).
     """
     from .proxies import paired_table
 
@@ -949,8 +952,8 @@ def proxy_scatter(proxies, criticality=None, axes=None, *, probe: str | None = N
         else:
             axes = list(np.ravel(axes))
             fig = axes[0].figure
-        if len(axes) < len(names):
-            raise LayercritError(f"proxy_scatter draws {len(names)} panels but got {len(axes)} axes")
+            if len(axes) != len(names):
+                raise LayercritError(f"Expected {len(names)} axes, one per proxy, got {len(axes)}")
         for ax, name in zip(axes, names):
             g = pairs[pairs["proxy"] == name]
             for m, color in zip(models, _palette(len(models))):
@@ -969,7 +972,7 @@ def proxy_scatter(proxies, criticality=None, axes=None, *, probe: str | None = N
             ax.grid(alpha=0.3)
         if len(models) > 1:
             axes[0].legend(frameon=False)
-    return fig, axes[0]
+    return fig, axes[: len(names)]
 
 
 def proxy_bump(proxies, criticality=None, ax=None, *, probes: Sequence[str] | None = None,

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from .blocks import find_block_stack
-from .engine import EXECUTORS, Executor
+from .engine import EXECUTORS, Executor, FullForward
 from .errors import LayercritError, check_int
 from .executors import DEFAULT_MEMORY_BUDGET, _storage_bytes
 from .inputs import call_model, num_samples, take
@@ -104,6 +104,8 @@ class PrefixExecutor(Executor):
         batch_trials: concatenate the draws of one block along the batch and run the downstream
             blocks once (True/False; None: decided on the first batch by timing both ways).
         compile: not supported by this executor (the model runs eagerly); must be False.
+        fallback: when the model's blocks turn out not to be a plain chain (checked on the first
+            batch), run the full forward instead (with `fallback_reason`) rather than raise.
 
     Attributes:
         peak_bytes: the most bytes of kept outputs held at once.
@@ -116,7 +118,7 @@ class PrefixExecutor(Executor):
     name = "prefix"
 
     def __init__(self, model: nn.Module, memory_budget: int | None = None, batch_trials: bool | None = None,
-                 compile: bool | str = False) -> None:
+                 compile: bool | str = False, fallback: bool = False) -> None:
         super().__init__(model)
         stack = find_block_stack(model)
         if stack is None:
@@ -133,7 +135,9 @@ class PrefixExecutor(Executor):
         self.blocks = [model.get_submodule(n) for n in self.block_names]
         self.peak_bytes = 0
         self.concat_used: bool | None = batch_trials if batch_trials is not None else None
-        self.fallback_reason = None
+        self.fallback = fallback
+        self.fallback_reason: str | None = None
+        self._full: FullForward | None = None
         self._aliases = self._alias_map(model)
         self._keep: list[int] = []  # boundaries kept: b means "the output of block b-1"
         self._concat_blocks: set[int] = set()
@@ -205,6 +209,20 @@ class PrefixExecutor(Executor):
     # -- per batch --------------------------------------------------------------------------------
 
     def start_batch(self, x):
+        if self._full is not None:
+            return self._full.start_batch(x)
+        try:
+            return self._start_batch(x)
+        except LayercritError as e:
+            if not self.fallback:
+                raise
+            self.fallback_reason = str(e).split("; use executor")[0]
+            self._full = FullForward(self.model)
+            self._batch = None
+            log.warning("layercrit: %s runs with the full forward: %s", type(self.model).__name__, self.fallback_reason)
+            return self._full.start_batch(x)
+
+    def _start_batch(self, x):
         kept: dict[int, object] = {}
         inputs: dict[int, tuple] = {}
         calls = [0] * len(self.blocks)
@@ -287,6 +305,8 @@ class PrefixExecutor(Executor):
         return max((b for b in self._batch["kept"] if b <= k), default=0)
 
     def run(self, values: Values):
+        if self._full is not None:
+            return self._full.run(values)
         batch = self._batch
         b = self._boundary(self.start(values))
         with substitute(self.model, values):
@@ -296,6 +316,8 @@ class PrefixExecutor(Executor):
                 return call_model(self.model, batch["x"])
 
     def run_many(self, perturbations: Sequence[Values]) -> list:
+        if self._full is not None:
+            return self._full.run_many(perturbations)
         if self.concat_used is False or len(perturbations) < 2:
             return [self.run(v) for v in perturbations]
         out: list = [None] * len(perturbations)
@@ -350,6 +372,8 @@ class PrefixExecutor(Executor):
         return [take(out, slice(i * rows, (i + 1) * rows), n=parts * rows) for i in range(parts)]
 
     def end_batch(self) -> None:
+        if self._full is not None:
+            self._full.end_batch()
         self._batch = None
 
 

@@ -268,9 +268,9 @@ class Rerandomize(Probe):
                             f"the model factory builds {n!r} with shape {tuple(fresh[n].shape)}, the model has "
                             f"{tuple(params[n].shape)}: factory arguments differ from the weights'"
                         )
-            probed = [n for u in units for n in u.params]
-            # An untrained model built under seed 0 equals the seed-0 draw; a second seed tells it from
-            # a factory that loads the model's weights.
+            # An untrained model built under seed 0 equals the seed-0 draw; a second seed tells it from a
+            # factory that loads the model's weights. Constant tensors (a norm's ones) prove nothing.
+            probed = [n for u in units for n in u.params if not _constant(params[n])]
             if probed and all(_same(self._fresh_params(s)[n], params[n]) for s in (0, 1) for n in probed):
                 raise LayercritError(
                     "the model factory returns the model's own weights whatever the seed (does it call "
@@ -351,6 +351,11 @@ class Rerandomize(Probe):
 
 def _under(name: str, prefix: str) -> bool:
     return not prefix or name == prefix or name.startswith(prefix + ".")
+
+
+def _constant(t: torch.Tensor) -> bool:
+    flat = t.detach().flatten()
+    return bool((flat == flat[0]).all()) if flat.numel() else True
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -518,8 +523,9 @@ class Skip(Probe):
             outside = [m for m in u.modules if stack.block_of(m) is None]
             if outside or not u.modules:
                 raise LayercritError(
-                    f"probe 'skip' bypasses blocks and their sub-layers; unit {u.label!r} ({', '.join(outside) or 'no module'}) "
-                    f"is outside the blocks of {stack.path or 'the model'}; select blocks (e.g. --layers 'L*') "
+                    f"probe 'skip' bypasses blocks and their sub-layers; unit {u.label!r} "
+                    f"({', '.join(m or '(root)' for m in outside) or 'no module'}) "
+                    f"is not in the block stack ({', '.join(stack.stages)}); select blocks (e.g. --layers 'L*') "
                     "or use --granularity attn/mlp"
                 )
 

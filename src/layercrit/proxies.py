@@ -64,7 +64,7 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
         return x[:, None]
     if x.ndim >= 4:
         return x.flatten(1)[:, None]
-    raise ValueError(f"expected hidden states of shape (batch, …) with at least 2 dims, got {tuple(x.shape)}")
+    raise LayercritError(f"expected hidden states of shape (batch, …) with at least 2 dims, got {tuple(x.shape)}")
 
 
 def _valid(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +72,7 @@ def _valid(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     if mask is None:
         return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     if tuple(mask.shape) != tuple(x.shape[:2]):
-        raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit hidden states {tuple(x.shape)}")
+        raise LayercritError(f"mask of shape {tuple(mask.shape)} does not fit hidden states {tuple(x.shape)}")
     return mask.to(x.device) != 0
 
 
@@ -135,7 +135,7 @@ def last_positions(mask: torch.Tensor) -> torch.Tensor:
     """Index of the last non-padded token of each row of a (B, T) mask (right or left padding)."""
     valid = mask != 0
     if not bool(valid.any(1).all()):
-        raise ValueError("a sample has no tokens: every position of its attention mask is 0")
+        raise LayercritError("a sample has no tokens: every position of its attention mask is 0")
     t = valid.shape[1]
     return (t - 1) - valid.flip(1).int().argmax(1)
 
@@ -426,6 +426,11 @@ def compare_proxies(
             raise LayercritError(f"{name} table lacks columns {', '.join(sorted(missing))}")
     crit = crit[crit["layer"] != UNMODIFIED]
     table = result.table
+    for name, df in (("proxies", table), ("criticality", crit)):
+        models = list(dict.fromkeys(df["model"])) if "model" in df.columns else []
+        if len(models) > 1:
+            raise LayercritError(f"the {name} table holds {len(models)} models ({', '.join(map(str, models[:4]))}); "
+                                 "compare one model at a time")
     if "n" in table.columns:
         table = table[table["n"].fillna(1) == 1]
     labels = dict(zip(table["layer"], table.get("label", table["layer"])))

@@ -28,6 +28,7 @@ from .checkpoints import build_model, load_state_dict
 from .criticality import build_probes, measure
 from .data import Dataset, load_data
 from .errors import LayercritError
+from .io import logging_above_bars
 from .layers import select_units
 from .probes import PROBES, Probe
 from .results import UNMODIFIED
@@ -272,7 +273,7 @@ def sweep(
 
         # Ray starts before the bar, so its start-up messages print above it; log records (Ray's
         # included) print through tqdm while the bar is shown.
-        with _ray_session(backend, items, address, workers) as ray, _logging_above_bars():
+        with _ray_session(backend, items, address, workers) as ray, logging_above_bars():
             bar = tqdm(total=total, initial=done, desc="sweep", unit="unit", disable=not progress, smoothing=0.1)
             try:
                 if backend == "local":
@@ -311,14 +312,6 @@ def _signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-@contextlib.contextmanager
-def _logging_above_bars() -> Iterator[None]:
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    with logging_redirect_tqdm():
-        yield
-
-
 def _timed_item(entry: ZooEntry, item: WorkItem, threads: int | None) -> tuple[list[dict], float]:
     t = time.perf_counter()
     return run_item(entry, item, threads=threads), time.perf_counter() - t
@@ -341,7 +334,7 @@ def _ray_session(backend: str, items: Sequence[WorkItem], address: str | None, w
         kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
         sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
         try:
-            with _logging_above_bars():
+            with logging_above_bars():
                 if address:
                     ray.init(address=address, **kwargs)
                 else:

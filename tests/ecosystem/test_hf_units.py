@@ -17,7 +17,7 @@ from conftest import assert_no_hooks, assert_same_state, snapshot
 from layercrit import LayercritError, list_layers, select_units
 from layercrit.blocks import find_block_stack
 from layercrit.checkpoints import apply_weights
-from layercrit.probes import PROBES, Rerandomize, Zero, substitute
+from layercrit.probes import PROBES, Rerandomize, Zero
 
 L = 4  # blocks of every tiny model
 

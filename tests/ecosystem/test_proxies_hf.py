@@ -1,5 +1,5 @@
 """Block proxies on Hugging Face models: tiny random-config GPT-2, Llama and BERT with padding, and the
-real all-MiniLM-L6-v2 compared with its reset criticality (rerandomize, skip) on 240 sentences."""
+real all-MiniLM-L6-v2 compared with its reset criticality (rerandomize, skip) on 200 sentences."""
 
 from __future__ import annotations
 
@@ -102,17 +102,17 @@ def test_proxies_of_tiny_hf_models_with_padding(kind):
     np.testing.assert_allclose(got.to_numpy(float), want.to_numpy(float), rtol=0, atol=1e-6)
 
 
-def test_skip_criticality_equals_measure_on_gpt2():
-    """The criticality `proxies` measures per sample averages to what `measure` reports."""
+def test_criticality_equals_measure_on_gpt2():
+    """The criticality `proxies` measures per sample averages to what `measure` reports (same draws)."""
     model, x = tiny("gpt2"), token_data()
-    r = layercrit.proxies(model, x, batch_size=4, prune=False)
-    m = layercrit.measure(model, x, probes=["skip"], granularity="block", layers=["transformer.h.*"], executor="full",
-                          batch_size=4).table
-    for layer in r.config["blocks"]:
-        mine = r.criticality[(r.criticality["layer"] == layer)].iloc[0]
-        theirs = m[(m["layer"] == layer) & (m["probe"] == "skip")].iloc[0]
-        assert mine["criticality"] == pytest.approx(theirs["criticality"], abs=1e-9)
-        assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-9)
+    r = layercrit.proxies(model, x, batch_size=4, prune=False, against=["rerandomize"], trials=2)
+    m = layercrit.measure(model, x, probes=["skip", "rerandomize"], trials=2, granularity="block",
+                          layers=["transformer.h.*"], executor="full", batch_size=4).table
+    mine = r.criticality.set_index(["layer", "probe", "trial"])
+    theirs = m[m["layer"].isin(r.config["blocks"])].set_index(["layer", "probe", "trial"]).reindex(mine.index)
+    assert len(mine) == 4 + 8 and theirs["criticality"].notna().all()
+    np.testing.assert_allclose(mine["criticality"].to_numpy(float), theirs["criticality"].to_numpy(float), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(mine["loss"].to_numpy(float), theirs["loss"].to_numpy(float), rtol=0, atol=1e-9)
 
 
 # --- the real MiniLM ----------------------------------------------------------------------------
@@ -127,7 +127,7 @@ _TAILS = ["", " before sunrise", " with great care", " for no reason at all", " 
           " during the long winter holidays in the north", " and then went home", " because nobody else would"]
 
 
-def _sentences(n: int = 240) -> list[str]:
+def _sentences(n: int = 200) -> list[str]:
     rng = random.Random(0)
     out = set()
     while len(out) < n:

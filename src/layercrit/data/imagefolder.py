@@ -6,8 +6,11 @@ are ignored, so a stray `.ipynb_checkpoints` cannot shift the labels. Files with
 resized bilinearly so that its short side is `resize` and center-cropped to `crop`×`crop` (the
 arithmetic of torchvision's `Resize(256)` + `CenterCrop(224)`), then scaled to [0, 1].
 
-The tensors are not normalized: the per-dataset mean and std go into `meta["normalize"]` and are
-applied inside the model by `wrap_normalized`, so a probe changes only the model's own weights.
+The tensors are then normalized per channel by `mean` and `std` (ImageNet's by default, what
+torchvision's and timm's pretrained weights expect), so every consumer — `measure`, `train`,
+`robustness`, sweeps — gives a model the inputs it was trained on; `meta["normalization"]` records
+the constants (distribution shifts un-normalize with them). `mean=(0, 0, 0), std=(1, 1, 1)` keeps
+the [0, 1] pixels; `wrap_normalized` puts the normalization inside a model instead.
 
 Unreadable images are skipped, listed in `meta["skipped"]` and reported in one warning (a single
 damaged file should not abort the evaluation of 50,000); `meta["files"]` lists the images kept, in
@@ -167,14 +170,14 @@ def load_imagefolder(
     draft: bool = True,
     spec: str | None = None,
 ) -> Dataset:
-    """Every image of a class-per-subfolder folder as (N, 3, crop, crop) float32 in [0, 1].
+    """Every image of a class-per-subfolder folder as (N, 3, crop, crop) float32, `(pixels/255 − mean)/std`.
 
     Args:
         path: the folder holding one subfolder per class.
         resize: length of the short side after resizing.
         crop: side of the center crop (at most `resize`).
-        mean: per-channel mean stored in `meta["normalize"]` for `wrap_normalized` (ImageNet's by default).
-        std: per-channel std stored likewise.
+        mean: per-channel mean of the [0, 1] pixels subtracted (ImageNet's by default).
+        std: per-channel std divided by.
         strict: fail on the first unreadable image instead of skipping it.
         cache: reuse decoded images from the on-disk cache and store them there.
         draft: let JPEGs much larger than needed decode at reduced size (faster; `False` reproduces a
@@ -203,8 +206,10 @@ def load_imagefolder(
         raise LayercritError(f"none of the {len(files)} images in {str(root)!r} could be read (first: {skipped[0]})")
     if skipped:
         warnings.warn(f"skipped {len(skipped)} unreadable images (first: {root / skipped[0]})", stacklevel=2)
+    x = entry["x"].float().div_(255.0)
+    x.sub_(torch.tensor(normalize["mean"]).view(1, -1, 1, 1)).div_(torch.tensor(normalize["std"]).view(1, -1, 1, 1))
     return Dataset(
-        entry["x"].float().div_(255.0),
+        x,
         entry["y"],
         spec=spec or f"imagefolder:{root}",
         num_classes=len(classes),
@@ -216,7 +221,7 @@ def load_imagefolder(
             "files": entry["files"],
             "skipped": skipped,
             "normalize": normalize,
-            "normalization": {"mean": 0.0, "std": 1.0},  # x holds the [0, 1] pixels themselves
+            "normalization": normalize,  # x = (pixels / 255 - mean) / std per channel
             "resize": resize,
             "crop": crop,
             "cached": cached,

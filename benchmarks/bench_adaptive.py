@@ -1,0 +1,150 @@
+"""Issue 15: adaptive sampling to a target precision against the fixed protocol that gives the same
+guarantee, on a ResNet-18 (CIFAR stem, built-in `resnet18-w16`) trained briefly on digits-like 32×32
+images, and on the digits FCN-3x256.
+
+Per model, every layer, probe rerandomize, H = --precision:
+  (ii)  `measure(precision=H)`: images and trials each unit used, image-evaluations, wall time;
+  (i)   the fixed protocol a user needs for *every* unit to reach ±H: the most images and the most
+        trials any unit needed (from (ii)), spent on every unit, on the same images in the same order:
+        image-evaluations, wall time, the largest difference between the two runs' unit means and
+        Kendall's τ between their layer rankings;
+  (iii) the published protocol (all images × 3 trials): how many units its two-level 95 % interval
+        (the same one adaptive sampling reports) leaves wider than H.
+Image-evaluations count probed forward passes (one per image per perturbation); the unmodified
+model's own passes are listed beside them.
+
+Run: .venv/bin/python benchmarks/bench_adaptive.py [--images 10000] [--train-images 10000] [--epochs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+import layercrit as lc
+from common import machine
+from layercrit import adaptive
+from layercrit.checkpoints import build_model
+from layercrit.data import Dataset, load_data
+
+
+def digits32(split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` digits-like 32×32 RGB images: scikit-learn digits of `split` scaled to 20-28 px, placed at a
+    random offset, tinted per channel, with pixel noise; labels the digits'. Normalized per channel."""
+    d = load_data(f"digits:{split}")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(d), (n,), generator=g)
+    pixels = d.x[idx] * d.meta["std"] + d.meta["mean"]  # back to [0, 1]
+    out = torch.zeros(n, 3, 32, 32)
+    sizes = torch.randint(20, 29, (n,), generator=g)
+    for size in sizes.unique().tolist():
+        rows = (sizes == size).nonzero().squeeze(1)
+        img = F.interpolate(pixels[rows], size=(size, size), mode="bilinear", align_corners=False)
+        offs = torch.randint(0, 32 - size + 1, (len(rows), 2), generator=g)
+        for k, r in enumerate(rows.tolist()):
+            i, j = offs[k].tolist()
+            out[r, :, i : i + size, j : j + size] = img[k]
+    tint = 0.6 + 0.4 * torch.rand(n, 3, 1, 1, generator=g)
+    out = (out * tint + 0.08 * torch.randn(n, 3, 32, 32, generator=g)).clamp(0, 1)
+    return (out - 0.15) / 0.3, d.y[idx]
+
+
+def train_resnet(n: int, epochs: int, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = lc.create_model("resnet18-w16", num_classes=10)
+    x, y = digits32("train", n, seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for batch in torch.randperm(n, generator=g).split(128):
+            opt.zero_grad()
+            F.cross_entropy(model(x[batch]), y[batch]).backward()
+            opt.step()
+    return model.eval()
+
+
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(torch.cat([model(b).argmax(1) for b in x.split(512)]).eq(y).float().mean())
+
+
+def compare(name: str, model: torch.nn.Module, data: Dataset, args) -> None:
+    h, bs = args.precision, args.batch_size
+    print(f"\n== {name}: {len(data):,} images, H = {h}, max trials {args.max_trials}, batch {bs}")
+    t0 = time.perf_counter()
+    ad = lc.measure(model, data, precision=h, max_trials=args.max_trials, batch_size=bs, model_name=name)
+    t_ad = time.perf_counter() - t0
+    s = ad.config["adaptive"]
+    rows = ad.table[ad.table["layer"] != lc.results.UNMODIFIED]
+    units = rows.groupby("layer", sort=False).agg(label=("label", "first"), n=("n", "first"),
+                                                  trials=("trials_used", "first"), half=("half_width", "first"),
+                                                  mean=("criticality", "mean"))
+    print(units.to_string(float_format=lambda v: f"{v:.4f}"))
+    n_star, t_star = int(units["n"].max()), int(units["trials"].max())
+    print(f"(ii)  adaptive: {s['image_evaluations']:,} image-evaluations (+{s['unmodified_evaluations']:,} unmodified), "
+          f"{t_ad:.1f}s, {s['rounds']} rounds; widest unit ±{units['half'].max():.4f}")
+    ordered = adaptive.evaluation_order(data, 0)
+    first = Dataset(ordered.x[:n_star], ordered.y[:n_star], spec="ordered prefix")
+    t0 = time.perf_counter()
+    fx = lc.measure(model, first, trials=t_star, batch_size=bs, model_name=name)
+    t_fx = time.perf_counter() - t0
+    fixed_evals = len(units) * t_star * n_star
+    fmean = fx.table[fx.table["layer"] != lc.results.UNMODIFIED].groupby("layer", sort=False)["criticality"].mean()
+    diff = float((fmean.loc[units.index] - units["mean"]).abs().max())
+    tau = stats.kendalltau(units["mean"], fmean.loc[units.index]).statistic
+    print(f"(i)   fixed for every unit: {n_star:,} images x {t_star} trials x {len(units)} units = {fixed_evals:,} "
+          f"image-evaluations, {t_fx:.1f}s")
+    print(f"      ratio {fixed_evals / s['image_evaluations']:.1f}x fewer image-evaluations, {t_fx / t_ad:.1f}x less time; "
+          f"largest |mean difference| {diff:.4f}; Kendall tau {tau:.3f}")
+    if args.skip_published:
+        return
+    # (iii) the published protocol, scored with the same interval: one round of all images x 3 trials.
+    saved = adaptive.FIRST_IMAGES, adaptive.FIRST_TRIALS
+    adaptive.FIRST_IMAGES, adaptive.FIRST_TRIALS = len(data), 3
+    try:
+        t0 = time.perf_counter()
+        pub = lc.measure(model, data, precision=h, trials=3, max_trials=3, batch_size=bs, model_name=name)
+        t_pub = time.perf_counter() - t0
+    finally:
+        adaptive.FIRST_IMAGES, adaptive.FIRST_TRIALS = saved
+    half = pub.table[pub.table["layer"] != lc.results.UNMODIFIED].groupby("layer", sort=False)["half_width"].first()
+    print(f"(iii) published protocol ({len(data):,} images x 3 trials, {t_pub:.1f}s): {int((half > h).sum())} of "
+          f"{len(half)} units wider than ±{h} (widest ±{half.max():.4f}, median ±{half.median():.4f})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=10000, help="ResNet evaluation images")
+    ap.add_argument("--train-images", type=int, default=10000)
+    ap.add_argument("--epochs", type=int, default=2, help="ResNet training epochs")
+    ap.add_argument("--precision", type=float, default=0.01)
+    ap.add_argument("--max-trials", type=int, default=adaptive.MAX_TRIALS)
+    ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--only", choices=["fcn", "resnet"])
+    ap.add_argument("--skip-published", action="store_true")
+    args = ap.parse_args()
+    print(machine())
+    if args.only != "resnet":
+        data = load_data("digits:all")
+        with tempfile.TemporaryDirectory() as tmp:
+            lc.train(lc.TrainConfig(model="fcn-3x256", data="digits:train", epochs=40), Path(tmp) / "fcn")
+            model, _ = build_model("fcn-3x256", Path(tmp) / "fcn" / "epoch_0040.pt", data=data)
+        compare("fcn-3x256 digits:all", model, data, args)
+    if args.only != "fcn":
+        t0 = time.perf_counter()
+        model = train_resnet(args.train_images, args.epochs)
+        x, y = digits32("test", args.images, seed=2)
+        print(f"\nresnet18-w16 trained {args.epochs} epochs on {args.train_images:,} digits-like 32x32 images in "
+              f"{time.perf_counter() - t0:.0f}s; accuracy {accuracy(model, x, y):.3f} on the evaluation images")
+        compare("resnet18-w16 digits32", model, Dataset(x, y, spec="digits32:test", num_classes=10), args)
+
+
+if __name__ == "__main__":
+    main()
