@@ -20,8 +20,10 @@ from common import machine, timed
 import layercrit
 
 
-def build(kind: str, layers: int) -> torch.nn.Module:
-    torch.manual_seed(0)
+def build(kind: str, layers: int, seed: int | None = None) -> torch.nn.Module:
+    """A random-init decoder; the factory (seed None) draws from the RNG state the probe seeds."""
+    if seed is not None:
+        torch.manual_seed(seed)
     if kind == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=512, n_positions=64, n_embd=128, n_layer=layers, n_head=4)
         return transformers.GPT2LMHeadModel(cfg)
@@ -45,7 +47,7 @@ def main() -> None:
     data = {"input_ids": torch.randint(0, 512, (args.windows, args.seq_len), generator=g),
             "attention_mask": torch.ones(args.windows, args.seq_len, dtype=torch.long)}
     for kind in ("gpt2", "llama"):
-        model = build(kind, args.layers)
+        model = build(kind, args.layers, seed=0)
         results = {}
 
         def run(executor: str, model=model, kind=kind, results=results):

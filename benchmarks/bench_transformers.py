@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=256)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--executor", default="auto")
+    ap.add_argument("--models", nargs="+", choices=["gpt2", "minilm"], default=["gpt2", "minilm"])
     ap.add_argument("--one", choices=["gpt2", "minilm"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -101,7 +102,7 @@ def main() -> None:
 
     print(machine())
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    for kind in ("gpt2", "minilm"):
+    for kind in args.models:
         out = subprocess.run([sys.executable, __file__, "--one", kind, "--windows", str(args.windows), "--seq-len",
                               str(args.seq_len), "--executor", args.executor], capture_output=True, text=True, env=env)
         if out.returncode:
@@ -114,8 +115,11 @@ def main() -> None:
               f"({r['rss_before_mb']:.0f} MB before measuring)")
         print(f"        criticality: {r['criticality']}")
     # What a single float64 (tokens x vocabulary) distribution of one batch would take unchunked:
+    from layercrit.measures import CHUNK_BYTES
+
     print(f"for scale: one float64 distribution of a (32 x {args.seq_len}) x 30522 batch is "
-          f"{32 * args.seq_len * 30522 * 8 / 2**20:.0f} MB; a measure chunk is at most 64 MB")
+          f"{32 * args.seq_len * 30522 * 8 / 2**20:.0f} MB (the measures hold several); a measure chunk is at most "
+          f"{CHUNK_BYTES / 2**20:.0f} MB")
 
 
 if __name__ == "__main__":

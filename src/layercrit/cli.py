@@ -165,7 +165,7 @@ def _load_data(args) -> Dataset:
 
 
 def _add_model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
-    p.add_argument("--model", required=True, metavar="SPEC", help="built-in name, package.module:callable or file.py:callable")
+    p.add_argument("--model", required=True, metavar="SPEC", help="built-in name, torchvision:NAME, timm:NAME, package.module:callable or file.py:callable")
     p.add_argument("--model-arg", action="append", type=_model_arg, default=[], metavar="KEY=VALUE",
                    help="keyword argument for the model constructor (repeatable)")
     if weights:
@@ -197,22 +197,29 @@ def format_summary(result: CriticalityResult) -> str:
                      + (f", perplexity {ppl:.2f}" if math.isfinite(ppl) else ""))
     # Why a value is missing: the rows' own notes (if the table has them), joined per (layer, probe).
     t = result.table
+    adaptive = "half_width" in s.columns  # adaptive sampling: ± the 95 % half-width over trials and images
     notes = ({} if "note" not in t else t[t["note"].fillna("").astype(str) != ""].groupby(
         ["layer", "probe"], sort=False)["note"].agg(lambda v: "; ".join(dict.fromkeys(map(str, v)))).to_dict())
-    lines.append(f"{'layer'.ljust(width)}  {'probe':<12} {'criticality % (mean ± s.e.)':<28} {'':20}  {'accuracy %':>10}  trials"
-                 + ("  note" if notes else ""))
+    what, cw = ("criticality % (mean ± 95 % CI)", 30) if adaptive else ("criticality % (mean ± s.e.)", 28)
+    lines.append(f"{'layer'.ljust(width)}  {'probe':<12} {what:<{cw}} {'':20}  {'accuracy %':>10}  trials"
+                 + ("  images" if adaptive else "") + ("  note" if notes else ""))
     for _, r in s.iterrows():
         probe = r["probe"] + (f":{r['target']}" if isinstance(r.get("target"), str) and r["target"] and r["probe"] == "reinit" else "")
-        sem = "" if not math.isfinite(r["criticality_sem"]) else f" ± {format_percent(r['criticality_sem'])}"
+        spread = r["half_width"] if adaptive else r["criticality_sem"]
+        sem = "" if not math.isfinite(spread) else f" ± {format_percent(spread)}"
         crit = f"{format_percent(r['criticality_mean']):>6}{sem}"
         acc = f"{format_percent(r['accuracy_mean']):>10}"
         note = notes.get((r["layer"], r["probe"]), "")
-        lines.append(f"{r['label'].ljust(width)}  {probe:<12} {crit:<28} {_bar(r['criticality_mean'])}  {acc}  {int(r['trials'])}"
-                     + (f"  {note}" if note else ""))
+        lines.append(f"{r['label'].ljust(width)}  {probe:<12} {crit:<{cw}} {_bar(r['criticality_mean'])}  {acc}  "
+                     + (f"{int(r['trials']):>6}  {int(r['n']):>6}" if adaptive else f"{int(r['trials'])}") + (f"  {note}" if note else ""))
     if len(s) and s["accuracy_mean"].isna().all():
         output = str(result.config.get("output") or "")
         lines.append(f"accuracy —: {output} compares raw vectors, without labels" if output.startswith("hidden")
                      else "accuracy —: the data have no labels")
+    if adaptive and "adaptive" in result.config:
+        from .adaptive import format_adaptive
+
+        lines.append(format_adaptive(result.config["adaptive"]))
     return "\n".join(lines)
 
 
@@ -333,6 +340,9 @@ def cmd_measure(args) -> int:
         label_style=args.label_style,
         shifts=args.shift,
         output=args.output,
+        precision=args.precision,
+        max_trials=args.max_trials,
+        rank_only=args.rank_only,
         **_engine_settings(args),
     )
     if args.shift:
@@ -676,10 +686,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--probe interpolate: position on the path from the reference (0, the default) to the model (1)")
     p.add_argument("--sigma", type=float, default=0.0,
                    help="--probe interpolate: std of Gaussian noise added to the interpolated values (default 0: none)")
-    p.add_argument("--trials", type=int, default=3, help="draws of each random probe per layer (default 3)")
+    p.add_argument("--trials", type=int, default=3,
+                   help="draws of each random probe per layer (default 3; with --precision: of the first round, at least 6)")
     p.add_argument("--seed", type=int, default=0, help="probe seed")
     p.add_argument("--images", type=int, metavar="N",
                    help="seeded random evaluation subset of N samples (more than the data has: all of it, with a warning)")
+    p.add_argument("--precision", type=float, metavar="H",
+                   help="adaptive sampling: evaluate each layer in rounds (more images, more trials) until the 95 %% "
+                        "half-width of its mean criticality is at most H (a fraction: 0.01 = one point); --images caps "
+                        "the images, --max-trials the trials")
+    p.add_argument("--max-trials", type=int, metavar="K", help="adaptive sampling: most draws per layer (default 50)")
+    p.add_argument("--rank-only", action="store_true",
+                   help="adaptive sampling until every layer's interval is clear of its neighbours' in the ranking "
+                        "(with --precision: or at most H wide)")
     p.add_argument("--strict-images", action="store_true", help="an --images above the data's size is an error")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the evaluation subset (and of --shift's noise)")
     p.add_argument("--shift", action="append", metavar="NAME[:SEVERITY]",

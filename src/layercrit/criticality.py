@@ -7,6 +7,7 @@ import math
 import platform
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -19,8 +20,11 @@ from .inputs import as_inputs
 from .layers import select_units
 from .outputs import create_output
 from .probes import PROBES, Interpolate, Probe, Reinit, Rerandomize
-from .results import INFO_COLUMNS, ROW_COLUMNS, UNMODIFIED, VALUE_COLUMNS, CriticalityResult
+from .results import ADAPTIVE_COLUMNS, INFO_COLUMNS, ROW_COLUMNS, UNMODIFIED, VALUE_COLUMNS, CriticalityResult
 from .seeding import derive_seed
+
+if TYPE_CHECKING:
+    from .adaptive import Checkpoint
 
 __all__ = ["MeasureConfig", "build_probes", "measure"]
 
@@ -45,6 +49,9 @@ class MeasureConfig(RunSettings):
     trial_ids: list[int] | None = None  # run only these trials of random probes (default: 0..trials-1)
     output: str | None = None  # output adapter (layercrit.outputs): logits, next-token[:last|:every:K], hidden[:mean|:cls|:last]; None: automatic
     shifts: list[str] | None = None  # corruptions NAME:SEVERITY (layercrit.shifts), each measured next to the clean data
+    precision: float | None = None  # adaptive sampling (layercrit.adaptive): stop a unit once its 95 % half-width ≤ this
+    max_trials: int | None = None  # adaptive: most trials of a random probe (None: adaptive.MAX_TRIALS); `images` caps images
+    rank_only: bool = False  # adaptive: stop once every unit's interval is clear of its ranking neighbours'
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,8 +68,26 @@ class MeasureConfig(RunSettings):
             check_int(name, getattr(self, name), low=0)
         if self.images is not None:
             check_int("images", self.images)
+        self._check_adaptive()
         if not self.probes:
             raise LayercritError("Expected at least one probe")
+
+    def _check_adaptive(self) -> None:
+        p = self.precision
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0):
+            raise LayercritError(f"Expected `precision` to be a positive half-width, a fraction (0.01 = one point), got {p!r}")
+        adaptive = p is not None or self.rank_only
+        if self.max_trials is not None:
+            check_int("max_trials", self.max_trials)
+            if not adaptive:
+                raise LayercritError("`max_trials` caps adaptive sampling; give `precision` or `rank_only` too")
+        if adaptive and self.trial_ids is not None:
+            raise LayercritError("adaptive sampling (`precision`, `rank_only`) chooses the trials itself; drop `trial_ids`")
+
+    @property
+    def adaptive(self) -> bool:
+        """Adaptive sampling (`layercrit.adaptive`): `precision` or `rank_only` given."""
+        return self.precision is not None or self.rank_only
 
 
 def build_probes(
@@ -126,6 +151,7 @@ def measure(
     model_name: str = "model",
     progress: bool = False,
     probes: Sequence[str | Probe] | str | Probe = "rerandomize",
+    checkpoint: Checkpoint | None = None,
     **settings,
 ) -> CriticalityResult:
     """Layer criticality of `model`: probe each layer (or block, or group), compare outputs.
@@ -141,6 +167,8 @@ def measure(
         model_name: value of the `model` column.
         progress: show progress bars.
         probes: probe names or `Probe` objects.
+        checkpoint: under adaptive sampling, where each round's statistics are kept so an
+            interrupted measurement continues (a sweep's results store; `adaptive.Checkpoint`).
         **settings: fields of `MeasureConfig` (trials, seed, images, data_seed, layers, ...).
 
     Returns:
@@ -155,6 +183,10 @@ def measure(
     names = [probes] if isinstance(probes, (str, Probe)) else list(probes)
     config = MeasureConfig(probes=[p if isinstance(p, str) else p.name for p in names], **settings)
     dataset = _as_dataset(data).subset(config.images, config.data_seed, strict=config.strict_images)
+    if config.adaptive:  # images are taken in rounds, each a prefix of one seeded random order
+        from .adaptive import evaluation_order
+
+        dataset = evaluation_order(dataset, config.data_seed)
     units = select_units(
         model,
         layers=config.layers,
@@ -184,15 +216,27 @@ def measure(
                     raise LayercritError(f"probe {probe.name!r} {target} given twice; give each probe once")
                 perturbations.append(Perturbation(key, functools.partial(probe.values, model, unit, seed)))
                 meta[key] = (probe, unit, trial, seed)
-    base, results = engine.evaluate(perturbations, desc=f"{model_name}: {len(perturbations)} probes")
+    extra, bases, adaptive_stats = {}, {}, None
+    if config.adaptive:  # rounds until each unit is precise enough (layercrit.adaptive)
+        from .adaptive import evaluate as evaluate_adaptive
+
+        run = evaluate_adaptive(engine, model, units, probe_objs, config, checkpoint, desc=model_name)
+        base, bases, results, meta, extra, adaptive_stats = run.base, run.bases, run.results, run.meta, run.extra, run.stats
+    else:
+        base, results = engine.evaluate(perturbations, desc=f"{model_name}: {len(perturbations)} probes")
     output = engine.output.name
-    rows = [_row(model_name, UNMODIFIED, "unmodified", "none", "", 0, math.nan, len(dataset), 0, base, base, output)]
+    n_base = adaptive_stats["images_used"] if adaptive_stats else len(dataset)
+    rows = [_row(model_name, UNMODIFIED, "unmodified", "none", "", 0, math.nan, n_base, 0, base, base, output)]
     for key, values in results.items():
         probe, unit, trial, seed = meta[key]
         target = probe.describe().get("target", "")
-        rows.append(_row(model_name, unit.name, unit.label, probe.name, target, trial, seed, len(dataset), unit.n_params,
-                         values, base, output))
-    table = pd.DataFrame(rows, columns=ROW_COLUMNS + VALUE_COLUMNS + INFO_COLUMNS)
+        n = extra[key]["n"] if key in extra else len(dataset)
+        rows.append(_row(model_name, unit.name, unit.label, probe.name, target, trial, seed, n, unit.n_params,
+                         values, bases.get(n, base), output) | {k: v for k, v in extra.get(key, {}).items() if k != "n"})
+    columns = ROW_COLUMNS + VALUE_COLUMNS + INFO_COLUMNS + (ADAPTIVE_COLUMNS if config.adaptive else [])
+    table = pd.DataFrame(rows, columns=columns)
+    if config.adaptive:
+        table["trials_used"] = table["trials_used"].astype("Int64")
     table["seed"] = table["seed"].astype("Int64")
     resolved = asdict(config) | {
         "model": model_name,
@@ -204,6 +248,10 @@ def measure(
         "versions": _versions(),
         **engine.stats(),
     }
+    if adaptive_stats is not None:
+        from .adaptive import adaptive_config
+
+        resolved["adaptive"] = adaptive_config(config, adaptive_stats)
     return CriticalityResult(table, resolved)
 
 

@@ -214,6 +214,7 @@ class Engine:
     """
 
     RESIDENT_FRACTION = 0.25  # share of free CUDA memory the inputs may take to stay on the device
+    OUTPUTS_BUDGET = 1 << 30  # bytes of probed outputs asked of a batching executor at once (LM logits are large)
 
     def __init__(
         self,
@@ -342,13 +343,17 @@ class Engine:
                 f"({context[1]}); use a smaller --seq-len"
             )
 
-    def batches(self) -> Iterator[tuple[Inputs, torch.Tensor | None]]:
+    def batches(self, samples: slice | None = None) -> Iterator[tuple[Inputs, torch.Tensor | None]]:
+        """The batches of all samples, or of `samples`: batch k starts at `samples.start + k · batch_size`
+        (a start at a multiple of the batch size gives the same batches as a pass over all samples)."""
         n = num_samples(self.inputs)
-        for i in range(0, n, self.batch_size):
-            x = to_device(take(self.inputs, slice(i, i + self.batch_size), n), self.device, non_blocking=True)
+        start, stop, _ = (samples or slice(None)).indices(n)
+        for i in range(start, stop, self.batch_size):
+            j = min(i + self.batch_size, stop)
+            x = to_device(take(self.inputs, slice(i, j), n), self.device, non_blocking=True)
             if self.channels_last and isinstance(x, torch.Tensor) and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = None if self.labels is None else self.labels[i : i + self.batch_size].to(self.device)
+            y = None if self.labels is None else self.labels[i:j].to(self.device)
             yield x, y
 
     def _chunks(self, perturbations: Sequence[Perturbation]) -> Iterator[list[tuple[Hashable, Mapping[str, torch.Tensor]]]]:
@@ -368,62 +373,106 @@ class Engine:
         return torch.autocast("cuda", dtype=self.autocast) if self.autocast is not None else contextlib.nullcontext()
 
     def evaluate(
-        self, perturbations: Sequence[Perturbation], desc: str = "probes"
+        self, perturbations: Sequence[Perturbation], desc: str = "probes", *, samples: slice | None = None,
+        sums: dict[Hashable, MeasureSums] | None = None, base_sums: MeasureSums | None = None,
+        keep_samples: Sequence[str] = (),
     ) -> tuple[dict[str, float], dict[Hashable, dict[str, float]]]:
         """Measures of the unmodified model and of each perturbation, as means over all samples.
 
         Perturbations run in chunks that fit `values_budget`; within a chunk the loop is over
         batches outside and perturbations inside.
+
+        Args:
+            perturbations: what to evaluate.
+            desc: the progress bar's label.
+            samples: evaluate these samples only (e.g. the next images of adaptive sampling).
+            sums: accumulators by perturbation key, continued (and filled in) here: the means
+                returned are over every sample they have seen, summed batch by batch in order, as
+                one pass over all those samples would sum them.
+            base_sums: the unmodified model's accumulator, continued likewise.
+            keep_samples: measures whose per-sample values are kept, appended per batch to each
+                accumulator's `samples[measure]` (a sample's mean over its rows, e.g. its tokens).
         """
-        n_batches = -(-num_samples(self.inputs) // self.batch_size)
+        start, stop, _ = (samples or slice(None)).indices(num_samples(self.inputs))
+        n_batches = -(-max(0, stop - start) // self.batch_size)
         out: dict[Hashable, dict[str, float]] = {}
         base_result = None
         bar = tqdm(total=n_batches * len(perturbations), desc=desc, unit="fwd", disable=not self.progress, leave=False)
         try:
             with torch.no_grad(), eval_mode(self.model):
-                for chunk in self._chunks(perturbations):
-                    base = MeasureSums()
-                    sums = [MeasureSums() for _ in chunk]
+                for i, chunk in enumerate(self._chunks(perturbations)):
+                    base = base_sums if base_sums is not None and i == 0 else MeasureSums()
+                    accs = [MeasureSums() if sums is None else sums.setdefault(key, MeasureSums()) for key, _ in chunk]
                     self.executor.prepare([values for _, values in chunk])
-                    for x, y in self.batches():
+                    for x, y in self.batches(samples):
                         try:
                             with self._autocast():
                                 p_out = self.executor.start_batch(x)
                             rows = self.output.rows(x, y, p_out)
                             p = self.output.values(p_out, rows)
                             base.update(self._measure(p, p, rows))
-                            for acc, q_out in zip(sums, self._outputs([values for _, values in chunk])):
-                                acc.update(self._measure(p, self.output.values(q_out, rows), rows))
-                                del q_out
+                            for acc, q_out in zip(accs, self._outputs([values for _, values in chunk], p_out)):
+                                q = self.output.values(q_out, rows)
+                                measured = self._measure(p, q, rows)
+                                acc.update(measured)
+                                for k in keep_samples:  # adaptive sampling's per-image statistics
+                                    acc.samples.setdefault(k, []).append(_per_sample(measured[k], rows, x, len(q)))
+                                del q_out, q
                                 bar.update(1)
                         finally:
                             self.executor.end_batch()
                     base_result = base_result or base.compute()
-                    out.update({key: acc.compute() for (key, _), acc in zip(chunk, sums)})
+                    out.update({key: acc.compute() for (key, _), acc in zip(chunk, accs)})
         finally:
             bar.close()
         return base_result, out
 
-    def _outputs(self, perturbations: list[Mapping[str, torch.Tensor]]) -> Iterator[object]:
+    def _outputs(self, perturbations: list[Mapping[str, torch.Tensor]], like: object) -> Iterator[object]:
         """The raw outputs of `perturbations` on the current batch, one at a time: an executor that
-        runs them one by one is asked for each only when the previous one has been measured (a
-        language model's (B, T, V) logits are then held once, not once per perturbation)."""
+        runs them one by one is asked for each only when the previous one has been measured, one
+        that batches them (`run_many`) for as many as `OUTPUTS_BUDGET` holds (outputs the size of
+        `like`): a language model's (B, T, V) logits are not held once per perturbation."""
         ex = self.executor
         if type(ex).run_many is Executor.run_many:
             for values in perturbations:
                 with self._autocast():
                     q = ex.run(values)
                 yield q
+                del q  # before the next run: two outputs at once at most
             return
-        with self._autocast():
-            outs = ex.run_many(perturbations)
-        outs.reverse()
-        while outs:
-            yield outs.pop()
+        step = max(1, self.OUTPUTS_BUDGET // max(1, _tensor_bytes(like)))
+        for i in range(0, len(perturbations), step):
+            with self._autocast():
+                outs = ex.run_many(perturbations[i : i + step])
+            outs.reverse()
+            while outs:
+                yield outs.pop()
 
     def _measure(self, p: torch.Tensor, q: torch.Tensor, rows) -> dict[str, torch.Tensor]:
         # Outside autocast, in float64 chunks of rows (whatever precision the model ran in).
         return sample_measures(p, q, rows.labels, self.measures, softmax=self.output.softmax, rows=rows.index)
+
+
+def _tensor_bytes(out: object) -> int:
+    """Bytes of the tensors in a model output (nested tuples, dicts, `ModelOutput`s)."""
+    if isinstance(out, torch.Tensor):
+        return out.numel() * out.element_size()
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
+    return sum(_tensor_bytes(v) for v in values)
+
+
+def _per_sample(v: torch.Tensor, rows, x: Inputs, n_rows: int) -> torch.Tensor:
+    """Per-row values `v` of one batch as per-sample means (on the CPU): a sample's rows are its
+    positions of the flattened output (one row per sample for logits; its tokens for next-token)."""
+    b = num_samples(x)
+    if rows.index is None and len(v) == b:
+        return v.detach().cpu()
+    index = rows.index if rows.index is not None else torch.arange(len(v), device=v.device)
+    sample = index.to(v.device) // max(1, n_rows // b)
+    ok = ~v.isnan()
+    total = torch.zeros(b, dtype=torch.float64, device=v.device).index_add_(0, sample[ok], v[ok].double())
+    count = torch.zeros(b, dtype=torch.float64, device=v.device).index_add_(0, sample[ok], torch.ones_like(v[ok], dtype=torch.float64))
+    return (total / count).cpu()  # NaN: a sample without finite rows
 
 
 def _input_embedding(model: nn.Module) -> nn.Embedding | None:
@@ -452,3 +501,4 @@ def _context_length(model: nn.Module) -> tuple[int, str] | None:
 
 
 from . import executors as _executors  # noqa: E402, F401  (registers "incremental" and "auto"; it imports this module)
+from . import prefix as _prefix  # noqa: E402, F401  (registers "prefix"; it imports this module)

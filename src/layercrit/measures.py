@@ -36,7 +36,7 @@ MEASURES = PAIR_MEASURES + LABEL_MEASURES
 SOFTMAX_MEASURES = ("criticality", "agreement", "l1", "l2", "kl") + LABEL_MEASURES
 VECTOR_MEASURES = ("criticality", "l1", "l2", "rel_l2")
 
-CHUNK_BYTES = 64 << 20  # float64 working memory of one chunk of rows
+CHUNK_BYTES = 256 << 20  # float64 working memory of one chunk of rows
 _TEMPORARIES = 8  # (rows, C) float64 tensors alive at once while a chunk is measured
 
 
@@ -91,23 +91,31 @@ def sample_measures(
 
 def _measure_chunk(p: torch.Tensor, q: torch.Tensor, labels: torch.Tensor | None, want: set[str],
                    softmax: bool) -> dict[str, torch.Tensor]:
-    """`sample_measures` on one chunk of float64 rows."""
+    """`sample_measures` on one chunk of float64 rows.
+
+    Written for (tokens × vocabulary) chunks, where every pass over the chunk counts: row-wise dot
+    products instead of `F.cosine_similarity` (whose broadcasting costs several passes), one
+    difference for both distances, and KL as Σp·log p − Σp·log q (rows where a probability of 0
+    meets a log of −inf take the exact masked form instead).
+    """
     out: dict[str, torch.Tensor] = {}
+    # NaN or +inf anywhere in a row (a max propagates NaN); −inf logits are legitimate: probability 0.
+    bad = ~(q.amax(1) < math.inf) | ~(p.amax(1) < math.inf)
     if softmax:
-        # −inf logits are legitimate (a masked vocabulary entry has probability 0); NaN and +inf are not.
-        bad = (q.isnan() | (q == math.inf)).any(1) | (p.isnan() | (p == math.inf)).any(1)
         q_log = F.log_softmax(q, dim=1)
         if want & set(PAIR_MEASURES):
             p_log = F.log_softmax(p, dim=1)
             pp, qq = p_log.exp(), q_log.exp()
+            diff = pp - qq if want & {"l1", "l2"} else None
             pair = {
-                "criticality": lambda: 1.0 - F.cosine_similarity(pp, qq, dim=1, eps=1e-12),
+                "criticality": lambda: _one_minus_cos(pp, qq),
                 "agreement": lambda: (p_log.argmax(1) == q_log.argmax(1)).double(),
-                "l1": lambda: (pp - qq).abs().sum(1),
-                "l2": lambda: (pp - qq).pow(2).sum(1).sqrt(),
-                "kl": lambda: torch.where(pp > 0, pp * (p_log - q_log), torch.zeros_like(pp)).sum(1),
+                "l1": lambda: torch.linalg.vector_norm(diff, 1, dim=1),
+                "l2": lambda: _rowdot(diff, diff).sqrt(),
+                "kl": lambda: _kl(pp, p_log, q_log),
             }
             out |= {k: fn() for k, fn in pair.items() if k in want}
+            del diff
         if labels is not None and want & set(LABEL_MEASURES):
             keep = labels >= 0  # −100: a row without a label (e.g. the last position of a sequence)
             if not bool(keep.all()):
@@ -123,19 +131,40 @@ def _measure_chunk(p: torch.Tensor, q: torch.Tensor, labels: torch.Tensor | None
             }
             out |= {k: _nan_where(bad_labelled, fn()) for k, fn in labelled.items() if k in want}
     else:
-        bad = ~(q.isfinite().all(1) & p.isfinite().all(1))
+        bad = bad | ~(q.amin(1) > -math.inf) | ~(p.amin(1) > -math.inf)  # raw vectors: any non-finite value
         diff = p - q
         vector = {
-            "criticality": lambda: 1.0 - F.cosine_similarity(p, q, dim=1, eps=1e-12),
-            "l1": lambda: diff.abs().sum(1),
-            "l2": lambda: torch.linalg.vector_norm(diff, dim=1),
-            "rel_l2": lambda: torch.linalg.vector_norm(diff, dim=1) / torch.linalg.vector_norm(p, dim=1),
+            "criticality": lambda: _one_minus_cos(p, q),
+            "l1": lambda: torch.linalg.vector_norm(diff, 1, dim=1),
+            "l2": lambda: _rowdot(diff, diff).sqrt(),
+            "rel_l2": lambda: (_rowdot(diff, diff) / _rowdot(p, p)).sqrt(),
         }
         out |= {k: fn() for k, fn in vector.items() if k in want}
     for k in want & set(PAIR_MEASURES):
         if k in out:
             out[k] = _nan_where(bad, out[k])
     return out
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("ij,ij->i", a, b)
+
+
+def _one_minus_cos(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """1 − cos(a, b) per row (a zero row counts as orthogonal to everything, as in `F.cosine_similarity`)."""
+    norms = _rowdot(a, a).sqrt().clamp_min(eps) * _rowdot(b, b).sqrt().clamp_min(eps)
+    return 1.0 - _rowdot(a, b) / norms
+
+
+def _kl(pp: torch.Tensor, p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """KL(p‖q) per row; terms with p = 0 count 0 (also where log q = −inf)."""
+    kl = _rowdot(pp, p_log) - _rowdot(pp, q_log)
+    fix = kl.isnan()  # 0·(−inf) somewhere in the row: take the masked form there
+    if bool(fix.any()):
+        rows = fix.nonzero().squeeze(1)
+        p, lp, lq = pp[rows], p_log[rows], q_log[rows]
+        kl[rows] = torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(1)
+    return kl
 
 
 def _nan_where(bad: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -159,6 +188,7 @@ class MeasureSums:
         self.sums: dict[str, torch.Tensor] = {}  # kept on the device: no sync per batch
         self.counts: dict[str, torch.Tensor] = {}
         self.nonfinite: torch.Tensor | int = 0
+        self.samples: dict[str, list[torch.Tensor]] = {}  # per-sample values, per batch, if the engine keeps them
 
     def update(self, values: Mapping[str, torch.Tensor]) -> None:
         if not values:

@@ -154,6 +154,7 @@ _DEFINITION = ("<p>Criticality is 1 − cos(p, q) between the softmax outputs be
 
 def _results_report(page: _Page, result: CriticalityResult, auxiliary: float, critical: float) -> None:
     from . import plots
+    from .adaptive import format_adaptive
 
     t = result.table
     cfg = result.config
@@ -165,7 +166,7 @@ def _results_report(page: _Page, result: CriticalityResult, auxiliary: float, cr
                             for p in cfg.get("probe_details", [])) or ", ".join(t["probe"].unique()),
         "trials": cfg.get("trials", t["trial"].max() + 1), "seed": cfg.get("seed", "?"),
         "versions": ", ".join(f"{k} {v}" for k, v in cfg.get("versions", {}).items()),
-    }))
+    } | ({"adaptive sampling": format_adaptive(cfg["adaptive"])} if "adaptive" in cfg else {})))
     layers = t[t["layer"] != UNMODIFIED]
     targets = layers["target"].fillna("")
     key = layers["probe"] + targets.where((targets == "") | (targets == layers["probe"]), " → " + targets).where(
@@ -185,10 +186,12 @@ def _results_report(page: _Page, result: CriticalityResult, auxiliary: float, cr
     titles = {"criticality_mean": "criticality %", "criticality_sem": "s.e. %", "criticality_ci_low": "95 % CI low",
               "criticality_ci_high": "95 % CI high", "accuracy_mean": "accuracy %",
               "accuracy_drop_mean": "accuracy drop (points)", "agreement_mean": "agreement %", "kl_mean": "KL"}
+    if "half_width" in s:  # adaptive sampling: the 95 % half-width over trials and images, and the images used
+        titles = {"criticality_mean": "criticality %", "half_width": "± 95 % (points)", "n": "images"} | titles
     cols = [c for c in ["label", "probe", "target", "trials", *titles] if c in s]
     shown = s[cols].copy()
     for c in cols:
-        if c in titles and c != "kl_mean":
+        if c in titles and c not in ("kl_mean", "n"):
             shown[c] = shown[c] * 100
     page.add("Per-layer summary (%, mean over trials; KL in nats)", _table(shown.rename(columns=titles), 2, significant=["KL"]))
 

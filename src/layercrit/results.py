@@ -13,7 +13,7 @@ import pandas as pd
 from .errors import LayercritError
 from .io import atomic_path, check_output_path
 
-__all__ = ["INFO_COLUMNS", "UNMODIFIED", "CriticalityResult", "correlation_note", "format_number", "format_p", "format_percent", "save_table",
+__all__ = ["ADAPTIVE_COLUMNS", "INFO_COLUMNS", "UNMODIFIED", "CriticalityResult", "correlation_note", "format_number", "format_p", "format_percent", "save_table",
            "summarize_trials"]
 
 UNMODIFIED = "(unmodified)"
@@ -24,17 +24,23 @@ VALUE_COLUMNS = ["criticality", "accuracy", "top5", "accuracy_drop", "agreement"
 # Per row, not averaged over trials: the output adapter (layercrit.outputs), how many compared rows
 # (samples or tokens) had a non-finite output and were left out of the means, and a note saying so.
 INFO_COLUMNS = ["output", "n_nonfinite", "note"]
+# Adaptive sampling (layercrit.adaptive) only: the trials the row's unit took and the 95 % half-width
+# of its mean criticality over those trials and its `n` images.
+ADAPTIVE_COLUMNS = ["trials_used", "half_width"]
 
 
 def summarize_trials(table: pd.DataFrame, keys: list[str] | None = None, measures: list[str] | None = None) -> pd.DataFrame:
     """Per group of `keys`: mean, std (ddof=1), standard error std/√T and a t-based 95 % CI per measure.
 
-    Groups keep their first-seen order. With a single trial std, sem and the CI are NaN.
+    Groups keep their first-seen order. With a single trial std, sem and the CI are NaN. Rows of
+    adaptive sampling (a `half_width` column) also give `n` (images) and `half_width`, and the
+    criticality CI is mean ± half_width: the interval over trials *and* images (`layercrit.adaptive`).
     """
     from scipy import stats  # deferred: scipy.stats costs a second at import
 
     keys = [k for k in (keys or KEYS + ["target", "shift"]) if k in table.columns]  # shift: layercrit.shifts
     measures = [m for m in (measures or VALUE_COLUMNS) if m in table.columns]
+    adaptive = "half_width" in table.columns and table["half_width"].notna().any()  # layercrit.adaptive
     rows = []
     for key, g in table.groupby(keys, sort=False, dropna=False):
         row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
@@ -47,6 +53,11 @@ def summarize_trials(table: pd.DataFrame, keys: list[str] | None = None, measure
             sem = std / math.sqrt(t) if t > 1 else math.nan
             half = float(stats.t.ppf(0.975, t - 1)) * sem if t > 1 else math.nan
             row |= {f"{m}_mean": mean, f"{m}_std": std, f"{m}_sem": sem, f"{m}_ci_low": mean - half, f"{m}_ci_high": mean + half}
+        if adaptive:
+            h = float(g["half_width"].iloc[0])
+            row |= {"n": int(g["n"].iloc[0]), "half_width": h}
+            if "criticality_mean" in row and not math.isnan(h):
+                row |= {"criticality_ci_low": row["criticality_mean"] - h, "criticality_ci_high": row["criticality_mean"] + h}
         rows.append(row)
     return pd.DataFrame(rows)
 

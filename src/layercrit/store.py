@@ -1,17 +1,26 @@
 """The results store: one SQLite file, schema versioned, safe to share between sweeps.
 
-Schema (version 1):
+Schema (version 2):
 
 - `meta(key, value)`: `schema_version`.
 - `runs(run_id, started, finished, layercrit_version, torch_version, host, zoo, config)`: one row
   per sweep invocation; `config` is the resolved zoo (JSON).
 - `models(model, category, metadata, spec, weights, config, data, data_identity, n, updated)`: one row
   per model id; `metadata` is the zoo entry's free metadata (JSON), `config` its resolved settings.
-- `results(model, layer, probe, target, trial, config_hash, label, seed, n, n_params, criticality,
-  accuracy, top5, accuracy_drop, agreement, l1, l2, kl, loss, extra, data_identity, run_id, created)`:
-  one row per unit (model, layer, probe/target, trial) under one configuration (`config_hash`:
-  data identity, seeds, probe settings, weights), primary key over those. The unmodified model is
-  the unit with layer `(unmodified)` and probe `none`.
+- `results(model, layer, probe, target, trial, config_hash, shift, label, seed, n, n_params, criticality,
+  accuracy, top5, accuracy_drop, agreement, l1, l2, kl, loss, precision, trials_used, half_width, extra,
+  data_identity, run_id, created)`: one row per unit (model, layer, probe/target, trial, shift) under
+  one configuration (`config_hash`: data identity, seeds, probe settings, weights, adaptive settings),
+  primary key over those. The unmodified model is the unit with layer `(unmodified)` and probe
+  `none`; `shift` is `none` for the clean data (else a corruption, `layercrit.shifts`). Under
+  adaptive sampling (`layercrit.adaptive`) `n` is the images the unit used, `trials_used` its trials,
+  `half_width` its 95 % half-width and `precision` the target; NULL otherwise.
+- `rounds(model, layer, probe, target, shift, config_hash, state, run_id, updated)`: adaptive
+  sampling's statistics of a unit whose rounds are under way (exact sums, JSON), written after each
+  round; a resumed sweep continues from them, and they are deleted when the unit's rows are stored.
+
+Version 1 stores (no `shift`, no adaptive columns, no `rounds`) are migrated when opened: their rows
+keep every value, with shift `none`.
 
 Every work item's rows are committed in one transaction as soon as it finishes (WAL journal,
 `INSERT OR IGNORE`): a killed sweep loses only items in flight, a re-run adds only what is
@@ -36,12 +45,15 @@ from .io import make_output_dir
 
 __all__ = ["SCHEMA_VERSION", "Store"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MEASURE_COLUMNS = ["criticality", "accuracy", "top5", "accuracy_drop", "agreement", "l1", "l2", "kl", "loss"]
-KEY_COLUMNS = ["model", "layer", "probe", "target", "trial", "config_hash"]
-RESULT_COLUMNS = KEY_COLUMNS + ["label", "seed", "n", "n_params", *MEASURE_COLUMNS, "extra", "data_identity", "run_id", "created"]
+ADAPTIVE_COLUMNS = ["precision", "trials_used", "half_width"]  # adaptive sampling (layercrit.adaptive); NULL otherwise
+KEY_COLUMNS = ["model", "layer", "probe", "target", "trial", "config_hash", "shift"]
+RESULT_COLUMNS = KEY_COLUMNS + ["label", "seed", "n", "n_params", *MEASURE_COLUMNS, *ADAPTIVE_COLUMNS, "extra",
+                                "data_identity", "run_id", "created"]
+CLEAN = "none"  # the shift of the clean data
 
-_SCHEMA = f"""
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
     run_id INTEGER PRIMARY KEY AUTOINCREMENT, started REAL NOT NULL, finished REAL,
@@ -49,14 +61,20 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS models (
     model TEXT PRIMARY KEY, category TEXT, metadata TEXT, spec TEXT, weights TEXT, config TEXT,
     data TEXT, data_identity TEXT, n INTEGER, updated REAL);
-CREATE TABLE IF NOT EXISTS results (
-    model TEXT NOT NULL, layer TEXT NOT NULL, probe TEXT NOT NULL, target TEXT NOT NULL, trial INTEGER NOT NULL,
-    config_hash TEXT NOT NULL, label TEXT, seed INTEGER, n INTEGER, n_params INTEGER,
-    {", ".join(f"{m} REAL" for m in MEASURE_COLUMNS)},
-    extra TEXT, data_identity TEXT, run_id INTEGER, created REAL,
-    PRIMARY KEY ({", ".join(KEY_COLUMNS)}));
+CREATE TABLE IF NOT EXISTS results ({results});
 CREATE INDEX IF NOT EXISTS results_model ON results (model, probe);
+CREATE TABLE IF NOT EXISTS rounds (
+    model TEXT NOT NULL, layer TEXT NOT NULL, probe TEXT NOT NULL, target TEXT NOT NULL, shift TEXT NOT NULL,
+    config_hash TEXT NOT NULL, state TEXT NOT NULL, run_id INTEGER, updated REAL,
+    PRIMARY KEY (model, layer, probe, target, shift, config_hash));
 """
+_RESULTS = f"""
+    model TEXT NOT NULL, layer TEXT NOT NULL, probe TEXT NOT NULL, target TEXT NOT NULL, trial INTEGER NOT NULL,
+    config_hash TEXT NOT NULL, shift TEXT NOT NULL DEFAULT '{CLEAN}', label TEXT, seed INTEGER, n INTEGER, n_params INTEGER,
+    {", ".join(f"{m} REAL" for m in MEASURE_COLUMNS)}, precision REAL, trials_used INTEGER, half_width REAL,
+    extra TEXT, data_identity TEXT, run_id INTEGER, created REAL,
+    PRIMARY KEY ({", ".join(KEY_COLUMNS)})"""
+_SCHEMA = _SCHEMA.replace("{results}", _RESULTS)
 
 
 def _clean(v):
@@ -99,12 +117,26 @@ class Store:
                 row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
                 if row is None:
                     self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                elif int(row[0]) == 1:
+                    self._migrate_v1()
                 elif int(row[0]) != SCHEMA_VERSION:
                     raise LayercritError(
                         f"results store {str(self.path)!r} has schema version {row[0]}; this layercrit reads {SCHEMA_VERSION}"
                     )
         except sqlite3.DatabaseError as e:
             raise LayercritError(f"{str(self.path)!r} is not a usable SQLite results store: {e}") from None
+
+    def _migrate_v1(self) -> None:
+        """Version 1 → 2 (inside the opening transaction): `results` gains `shift` (in its key) and the
+        adaptive columns; SQLite cannot change a primary key in place, so the table is rebuilt."""
+        old = [r[1] for r in self.db.execute("PRAGMA table_info(results)")]
+        self.db.execute("ALTER TABLE results RENAME TO results_v1")
+        self.db.execute(f"CREATE TABLE results ({_RESULTS})")
+        cols = ", ".join(c for c in old if c in RESULT_COLUMNS)
+        self.db.execute(f"INSERT INTO results ({cols}) SELECT {cols} FROM results_v1")
+        self.db.execute("DROP TABLE results_v1")  # and its index
+        self.db.execute("CREATE INDEX IF NOT EXISTS results_model ON results (model, probe)")
+        self.db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         self.db.close()
@@ -164,22 +196,46 @@ class Store:
         for r in rows:
             extra = {k: _clean(v) for k, v in r.items() if k not in RESULT_COLUMNS and k != "extra"}
             row = {**{k: r.get(k) for k in RESULT_COLUMNS}, "config_hash": config_hash, "run_id": run_id, "created": now,
-                   "target": r.get("target") or "", "extra": json.dumps(extra) if extra else r.get("extra")}
+                   "target": r.get("target") or "", "shift": r.get("shift") or CLEAN,
+                   "extra": json.dumps(extra) if extra else r.get("extra")}
             values.append(tuple(_clean(row[k]) for k in RESULT_COLUMNS))
+        units = {(v[0], v[1], v[2], v[3], v[6]) for v in values}  # (model, layer, probe, target, shift)
         with self.transaction():
             before = self.db.total_changes
             self.db.executemany(
                 f"INSERT OR IGNORE INTO results ({', '.join(RESULT_COLUMNS)}) VALUES ({', '.join('?' * len(RESULT_COLUMNS))})",
                 values,
             )
-            return self.db.total_changes - before
+            added = self.db.total_changes - before
+            # a unit's rows are final: its adaptive rounds (if any) are not needed any more
+            self.db.executemany("DELETE FROM rounds WHERE model = ? AND layer = ? AND probe = ? AND target = ? "
+                                "AND shift = ? AND config_hash = ?", [(*u, config_hash) for u in units])
+            return added
+
+    def save_rounds(self, model: str, config_hash: str, shift: str, states: Mapping[tuple[str, str, str], Mapping],
+                    run_id: int | None = None) -> None:
+        """Keep the adaptive-sampling state of units under way, by (probe, target, layer), in one transaction."""
+        now = time.time()
+        with self.transaction():
+            self.db.executemany(
+                "INSERT OR REPLACE INTO rounds (model, layer, probe, target, shift, config_hash, state, run_id, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(model, layer, probe, target or "", shift, config_hash, json.dumps(state), run_id, now)
+                 for (probe, target, layer), state in states.items()],
+            )
+
+    def load_rounds(self, model: str, config_hash: str, shift: str = CLEAN) -> dict[tuple[str, str, str], dict]:
+        """The saved adaptive-sampling states of `model`'s units under way, by (probe, target, layer)."""
+        cur = self.db.execute("SELECT probe, target, layer, state FROM rounds WHERE model = ? AND config_hash = ? "
+                              "AND shift = ?", (model, config_hash, shift))
+        return {(p, t, layer): json.loads(state) for p, t, layer, state in cur.fetchall()}
 
     # -- reading -------------------------------------------------------------------------------
 
-    def done_units(self, model: str, config_hash: str) -> set[tuple[str, str, str, int]]:
-        """(layer, probe, target, trial) of the units of `model` already stored under `config_hash`."""
-        cur = self.db.execute("SELECT layer, probe, target, trial FROM results WHERE model = ? AND config_hash = ?",
-                              (model, config_hash))
+    def done_units(self, model: str, config_hash: str, shift: str = CLEAN) -> set[tuple[str, str, str, int]]:
+        """(layer, probe, target, trial) of the units of `model` already stored under `config_hash` (and `shift`)."""
+        cur = self.db.execute("SELECT layer, probe, target, trial FROM results WHERE model = ? AND config_hash = ? "
+                              "AND shift = ?", (model, config_hash, shift))
         return {(a, b, c, int(d)) for a, b, c, d in cur.fetchall()}
 
     def results(self, probe: str | None = None, models: Iterable[str] | None = None) -> pd.DataFrame:
@@ -196,9 +252,9 @@ class Store:
         if where:
             sql += " WHERE " + " AND ".join(where)
         df = pd.read_sql_query(sql + " ORDER BY rowid", self.db, params=args)
-        for col in MEASURE_COLUMNS:
+        for col in MEASURE_COLUMNS + ["precision", "half_width"]:
             df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)  # all-NULL columns come back as objects
-        for col in ("seed", "n", "n_params", "trial"):
+        for col in ("seed", "n", "n_params", "trial", "trials_used"):
             df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
         return df
 

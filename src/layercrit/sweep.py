@@ -1,10 +1,17 @@
 """Sweeps over a model zoo: plan the missing work, run it locally or on Ray, store every result.
 
-A *unit* is one (model, layer, probe, trial); a *work item* is one (model, probe, trial) and a
-chunk of its layers, evaluated in one pass over the data. The driver validates every model (weights,
-data, labels, probes) before the store is created, plans the items that still have units missing
-from the store (so a re-run does only what is missing), runs them, and commits each item's rows as
-soon as it finishes: only the driver writes the store. A commit is never cut by Ctrl-C or SIGTERM
+A *unit* is one (model, layer, probe, trial, shift); a *work item* is one (model, probe, trial,
+shift) and a chunk of its layers, evaluated in one pass over the data. Under adaptive sampling
+(`precision` or `rank_only` in the zoo, `layercrit.adaptive`) a work item is one (model, probe,
+shift) and a chunk of its layers (all of them for `rank_only`, which ranks them together), run in
+rounds; with the local backend each round's statistics are kept in the store (`rounds`), so an
+interrupted sweep continues every unit's rounds where they stopped, with the numbers an
+uninterrupted one gives (with Ray, a work item's rounds are kept when it finishes).
+
+The driver validates every model (weights, data, labels, probes) before the store is created,
+plans the items that still have units missing from the store (so a re-run does only what is
+missing), runs them, and commits each item's rows as soon as it finishes: only the driver writes
+the store. A commit is never cut by Ctrl-C or SIGTERM
 (they are held until it ends), so an interrupted sweep keeps every finished item.
 """
 
@@ -20,6 +27,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -32,25 +40,30 @@ from .io import logging_above_bars
 from .layers import select_units
 from .probes import PROBES, Probe
 from .results import UNMODIFIED
-from .store import Store
+from .store import CLEAN, Store
 from .zoo import Zoo, ZooEntry, load_zoo
+
+if TYPE_CHECKING:
+    from .adaptive import Checkpoint
 
 __all__ = ["SweepReport", "WorkItem", "plan", "run_item", "sweep", "validate"]
 
 
 @dataclass
 class WorkItem:
-    """One pass over the data: `units` of model `model` under `probe`, for `trials`."""
+    """One pass over the data: `units` of model `model` under `probe`, for `trials` (empty: adaptive
+    sampling, as many rounds as the units need), on the clean data or a `shift`."""
 
     model: str
     probe: str
     trials: list[int]
     units: list[str]
     config_hash: str
+    shift: str = CLEAN
 
     @property
     def size(self) -> int:
-        return len(self.units) * len(self.trials)
+        return len(self.units) * max(len(self.trials), 1)
 
 
 @dataclass
@@ -87,8 +100,12 @@ def _data_of(entry: ZooEntry) -> Dataset:
     return _dataset(s["data"], s.get("images"), s.get("data_seed", 0))
 
 
-def config_hash(entry: ZooEntry, probe: str, data: Dataset) -> str:
-    """What a unit's value depends on besides (layer, trial): a stored unit is reused only under the same."""
+def _adaptive(settings: dict) -> bool:
+    return settings.get("precision") is not None or bool(settings.get("rank_only"))
+
+
+def config_hash(entry: ZooEntry, probe: str, data: Dataset, shift: str = CLEAN) -> str:
+    """What a unit's value depends on besides (layer, trial, shift): a stored unit is reused only under the same."""
     s = entry.settings
     key = {
         "factory": entry.factory, "weights": _digest(entry.weights), "model_args": s.get("model_args", {}),
@@ -99,6 +116,12 @@ def config_hash(entry: ZooEntry, probe: str, data: Dataset) -> str:
     }
     if s.get("autocast"):  # mixed precision changes the numbers (the executor does not); absent: earlier hashes hold
         key["autocast"] = s["autocast"]
+    if _adaptive(s):  # the rounds depend on these: images come in whole batches, the first round has `trials`
+        key["adaptive"] = {"precision": s.get("precision"), "max_trials": s.get("max_trials"),
+                           "rank_only": bool(s.get("rank_only")), "trials": s.get("trials", 3),
+                           "batch_size": s.get("batch_size", 256), "data_seed": s.get("data_seed", 0)}
+    if shift != CLEAN:  # the corruption's noise is seeded by data_seed
+        key["shift_seed"] = s.get("data_seed", 0)
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -146,6 +169,11 @@ def validate(zoo: Zoo) -> dict[str, list[str]]:
                 probe.check(model, selected)
             measure(model, _label_range_samples(data), factory=factory, reference=reference, model_name=entry.id,
                     probes=s["probes"], trials=1, units=[], batch_size=2, executor="full")
+            if s.get("shifts"):  # the data are images with a known normalization
+                from .shifts import shift_dataset
+
+                for shift in s["shifts"]:
+                    shift_dataset(_label_range_samples(data), shift, s.get("data_seed", 0))
             units[entry.id] = [u.name for u in selected]
         except LayercritError as e:
             problems.append(f"model {entry.id!r}: {e.message}")
@@ -173,11 +201,22 @@ def plan(zoo: Zoo, store: Store, chunk_layers: int | None = None,
         else:
             model, _ = build_model(entry.factory, None, s.get("model_args"), data)
             units = [u.name for u in _units_of(entry, model)]
-        for probe in s["probes"]:
-            h = config_hash(entry, probe, data)
-            present = store.done_units(entry.id, h)
+        for probe, shift in ((p, sh) for p in s["probes"] for sh in [CLEAN, *s.get("shifts", [])]):
+            h = config_hash(entry, probe, data, shift)
+            present = store.done_units(entry.id, h, shift)
             trials = list(range(s.get("trials", 3))) if _probe_is_random(probe) else [0]
             target = "reference" if probe == "reinit" else probe
+            if _adaptive(s):  # a unit is done once its rows (as many trials as it took) are stored
+                stored = {u for u, p, _, _ in present if p == probe}
+                total += 1 + len(units)
+                done += ((UNMODIFIED, "none", "", 0) in present) + sum(u in stored for u in units)
+                missing = [u for u in units if u not in stored]
+                if not missing and (UNMODIFIED, "none", "", 0) in present:
+                    continue
+                step = (len(missing) if s.get("rank_only") else chunk_layers or len(missing)) or 1
+                for i in range(0, max(len(missing), 1), step):
+                    items.append(WorkItem(entry.id, probe, [], missing[i : i + step], h, shift))
+                continue
             total += 1 + len(units) * len(trials)
             done += ((UNMODIFIED, "none", "", 0) in present) + sum(
                 (u, probe, target, t) in present for u in units for t in trials)
@@ -187,16 +226,24 @@ def plan(zoo: Zoo, store: Store, chunk_layers: int | None = None,
                     continue
                 step = chunk_layers or len(missing) or 1
                 for i in range(0, max(len(missing), 1), step):
-                    items.append(WorkItem(entry.id, probe, [t], missing[i : i + step], h))
+                    items.append(WorkItem(entry.id, probe, [t], missing[i : i + step], h, shift))
     return items, total, done
 
 
-def run_item(entry: ZooEntry, item: WorkItem, device: str | None = None, threads: int | None = None) -> list[dict]:
-    """Evaluate one work item; returns its result rows (the unmodified model's row included)."""
+def run_item(entry: ZooEntry, item: WorkItem, device: str | None = None, threads: int | None = None,
+             checkpoint: Checkpoint | None = None) -> list[dict]:
+    """Evaluate one work item; returns its result rows (the unmodified model's row included).
+
+    `checkpoint` (adaptive items): where each round's statistics are kept (`adaptive.Checkpoint`).
+    """
     if threads:
         torch.set_num_threads(threads)
     s = entry.settings
     data = _data_of(entry)
+    if item.shift != CLEAN:
+        from .shifts import shift_dataset
+
+        data = shift_dataset(data, item.shift, s.get("data_seed", 0))
     model, factory = build_model(entry.factory, entry.weights, s.get("model_args"), data)
     reference = None
     if item.probe == "reinit":
@@ -204,9 +251,14 @@ def run_item(entry: ZooEntry, item: WorkItem, device: str | None = None, threads
 
         reference = load_state_dict(s["reference"])
     device = device or ("cuda" if torch.cuda.is_available() else None)
+    if item.trials:
+        sampling = {"trials": max(item.trials) + 1, "trial_ids": item.trials}
+    else:  # adaptive sampling: the subset's seed also orders its images
+        sampling = {"trials": s.get("trials", 3), "precision": s.get("precision"), "max_trials": s.get("max_trials"),
+                    "rank_only": bool(s.get("rank_only")), "data_seed": s.get("data_seed", 0)}
     result = measure(
         model, data, factory=factory, reference=reference, model_name=entry.id, probes=[item.probe],
-        trials=max(item.trials) + 1, trial_ids=item.trials, seed=s.get("seed", 0), layers=s.get("layers"),
+        checkpoint=checkpoint, **sampling, seed=s.get("seed", 0), layers=s.get("layers"),
         units=item.units, include_norm=s.get("include_norm", False), granularity=s.get("granularity", "layer"),
         label_style=s.get("label_style", "auto"), batch_size=s.get("batch_size", 256), device=device,
         executor=s.get("executor", "auto"), autocast=s.get("autocast"), compile=s.get("compile", False),
@@ -215,7 +267,25 @@ def run_item(entry: ZooEntry, item: WorkItem, device: str | None = None, threads
     rows = table.to_dict("records")
     for r in rows:
         r["data_identity"] = result.config["data_identity"]
+        r["shift"] = item.shift
+        r["precision"] = s.get("precision")
     return rows
+
+
+@dataclass
+class _StoreCheckpoint:
+    """An adaptive work item's rounds, kept in the results store (`adaptive.Checkpoint`)."""
+
+    store: Store
+    item: WorkItem
+    run_id: int | None
+
+    def load(self) -> dict:
+        return self.store.load_rounds(self.item.model, self.item.config_hash, self.item.shift)
+
+    def save(self, states) -> None:
+        with _signals_held():  # a round's statistics land whole
+            self.store.save_rounds(self.item.model, self.item.config_hash, self.item.shift, states, self.run_id)
 
 
 def sweep(
@@ -265,6 +335,8 @@ def sweep(
             t = time.perf_counter()
             with _signals_held():  # an interrupt waits for the commit: a finished item is never lost
                 added = store.add_results(rows, item.config_hash, run_id)
+            if added and not item.trials:  # adaptive: a unit has a row per trial it took; count units
+                added = len({r["layer"] for r in rows})
             report.store_seconds += time.perf_counter() - t
             report.compute_seconds += seconds
             report.added += added
@@ -280,7 +352,8 @@ def sweep(
                     for item in items:
                         t = time.perf_counter()
                         try:
-                            rows = run_item(entries[item.model], item)
+                            rows = run_item(entries[item.model], item,
+                                            checkpoint=None if item.trials else _StoreCheckpoint(store, item, run_id))
                         except LayercritError as e:
                             report.failures.append(f"model {item.model!r}: {e}")
                             continue

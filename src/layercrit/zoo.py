@@ -5,6 +5,8 @@
     probe = "rerandomize"      # or probes = ["rerandomize", "zero"]
     trials = 3
     seed = 0
+    precision = 0.01           # adaptive sampling to ±1 point (optional; also max_trials, rank_only)
+    shifts = ["contrast:5"]    # also measure on corrupted data (optional, layercrit.shifts)
 
     [[model]]
     id = "fcn-a"               # unique
@@ -21,6 +23,7 @@ duplicate ids, wrong types) is reported on a line of its own.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +54,10 @@ SETTINGS: dict[str, tuple[Any, str]] = {
     "compile": ((bool, str), "true, false or a torch.compile backend name"),
     "reference": (str, "a state-dict file for the reinit probe"),
     "model_args": (dict, "a table of constructor arguments"),
+    "precision": ((int, float), "a positive half-width, a fraction (0.01 = one point)"),
+    "max_trials": (int, "a positive integer"),
+    "rank_only": (bool, "true or false"),
+    "shifts": (list, "a list of corruptions NAME[:SEVERITY] (layercrit.shifts)"),
 }
 ENTRY_KEYS = {"id", "factory", "weights", "category", "meta"}
 METADATA_KEYS = {"accuracy", "top5", "epsilon", "norm", "epochs", "arch", "dataset", "paper", "notes", "url", "source"}
@@ -116,7 +123,7 @@ def _resolve_data(base: Path, spec: str, where: str, problems: list[str]) -> str
 
 def _check_setting(key: str, value: Any, where: str, problems: list[str]) -> None:
     kind, desc = SETTINGS[key]
-    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)))
     if ok and kind is int:
         ok = value >= (0 if key in ("seed", "data_seed") else 1)
     if ok and key == "probe":
@@ -133,6 +140,16 @@ def _check_setting(key: str, value: Any, where: str, problems: list[str]) -> Non
         ok = value in ("auto", "name", "gavrikov", "figure", "zhang")
     if ok and key == "layers":
         ok = all(isinstance(g, str) for g in value)
+    if ok and key == "precision":
+        ok = math.isfinite(value) and value > 0
+    if ok and key == "shifts":
+        from .shifts import parse_shifts
+
+        try:
+            parse_shifts(value)
+        except LayercritError as e:
+            problems.append(f"{where}: `shifts`: {e.message}")
+            return
     if not ok:
         extra = f" ({', '.join(list_probes())})" if key in ("probe", "probes") else ""
         problems.append(f"{where}: `{key}` should be {desc}{extra}, got {value!r}")
@@ -232,6 +249,15 @@ def load_zoo(path: str | Path) -> Zoo:
             if not ref.is_file():
                 problems.append(f"{where}: reference {settings['reference']!r} not found (looked for {str(ref)!r})")
             settings["reference"] = str(ref)
+        if settings.get("max_trials") is not None and settings.get("precision") is None and not settings.get("rank_only"):
+            problems.append(f"{where}: `max_trials` caps adaptive sampling; set `precision` or `rank_only` too")
+        if isinstance(settings.get("shifts"), list):  # bare names: all five severities, as `--shift`
+            from .shifts import parse_shifts
+
+            try:
+                settings["shifts"] = [c.label for c in parse_shifts(settings["shifts"])]
+            except LayercritError:
+                pass  # reported above
         if "reinit" in settings["probes"] and not settings.get("reference"):
             problems.append(f"{where}: probe 'reinit' needs a `reference` state dict (e.g. checkpoint 0)")
         metadata = {k: v for k, v in raw.items() if k in METADATA_KEYS} | meta
