@@ -15,9 +15,9 @@ import statistics
 
 import torch
 import transformers
-from common import machine, timed
 
 import layercrit
+from common import machine, timed
 
 
 def build(kind: str, layers: int, seed: int | None = None) -> torch.nn.Module:

@@ -112,7 +112,11 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core); 1 takes the "
+                    "threading out of the comparison, which a loaded machine distorts")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(machine())
     for spec in args.models.split(","):
         bench(spec, args)

@@ -358,7 +358,7 @@ def sweep(
                             report.failures.append(f"model {item.model!r}: {e}")
                             continue
                         commit(item, rows, time.perf_counter() - t)
-                else:
+                elif items:  # (nothing left to do: Ray was not started)
                     _run_ray(ray, items, entries, commit, report)
             finally:
                 bar.close()
