@@ -57,7 +57,7 @@ def digits32(split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def train_resnet(n: int, epochs: int, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = lc.create_model("resnet18-w16", num_classes=10)
+    model = resnet()
     x, y = digits32("train", n, seed=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     model.train()
@@ -75,11 +75,16 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float(torch.cat([model(b).argmax(1) for b in x.split(512)]).eq(y).float().mean())
 
 
-def compare(name: str, model: torch.nn.Module, data: Dataset, args) -> None:
+def resnet() -> torch.nn.Module:
+    """The untrained constructor: the model and the init source of `rerandomize`."""
+    return lc.create_model("resnet18-w16", num_classes=10)
+
+
+def compare(name: str, model: torch.nn.Module, data: Dataset, args, factory=None) -> None:
     h, bs = args.precision, args.batch_size
     print(f"\n== {name}: {len(data):,} images, H = {h}, max trials {args.max_trials}, batch {bs}")
     t0 = time.perf_counter()
-    ad = lc.measure(model, data, precision=h, max_trials=args.max_trials, batch_size=bs, model_name=name)
+    ad = lc.measure(model, data, factory=factory, precision=h, max_trials=args.max_trials, batch_size=bs, model_name=name)
     t_ad = time.perf_counter() - t0
     s = ad.config["adaptive"]
     rows = ad.table[ad.table["layer"] != lc.results.UNMODIFIED]
@@ -93,7 +98,7 @@ def compare(name: str, model: torch.nn.Module, data: Dataset, args) -> None:
     ordered = adaptive.evaluation_order(data, 0)
     first = Dataset(ordered.x[:n_star], ordered.y[:n_star], spec="ordered prefix")
     t0 = time.perf_counter()
-    fx = lc.measure(model, first, trials=t_star, batch_size=bs, model_name=name)
+    fx = lc.measure(model, first, factory=factory, trials=t_star, batch_size=bs, model_name=name)
     t_fx = time.perf_counter() - t0
     fixed_evals = len(units) * t_star * n_star
     fmean = fx.table[fx.table["layer"] != lc.results.UNMODIFIED].groupby("layer", sort=False)["criticality"].mean()
@@ -110,7 +115,7 @@ def compare(name: str, model: torch.nn.Module, data: Dataset, args) -> None:
     adaptive.FIRST_IMAGES, adaptive.FIRST_TRIALS = len(data), 3
     try:
         t0 = time.perf_counter()
-        pub = lc.measure(model, data, precision=h, trials=3, max_trials=3, batch_size=bs, model_name=name)
+        pub = lc.measure(model, data, factory=factory, precision=h, trials=3, max_trials=3, batch_size=bs, model_name=name)
         t_pub = time.perf_counter() - t0
     finally:
         adaptive.FIRST_IMAGES, adaptive.FIRST_TRIALS = saved
@@ -129,21 +134,32 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--only", choices=["fcn", "resnet"])
     ap.add_argument("--skip-published", action="store_true")
+    ap.add_argument("--resnet-weights", metavar="FILE", help="reuse (or save) the trained ResNet's state dict")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(machine())
     if args.only != "resnet":
         data = load_data("digits:all")
         with tempfile.TemporaryDirectory() as tmp:
             lc.train(lc.TrainConfig(model="fcn-3x256", data="digits:train", epochs=40), Path(tmp) / "fcn")
-            model, _ = build_model("fcn-3x256", Path(tmp) / "fcn" / "epoch_0040.pt", data=data)
-        compare("fcn-3x256 digits:all", model, data, args)
+            model, factory = build_model("fcn-3x256", Path(tmp) / "fcn" / "epoch_0040.pt", data=data)
+        compare("fcn-3x256 digits:all", model, data, args, factory)
     if args.only != "fcn":
         t0 = time.perf_counter()
-        model = train_resnet(args.train_images, args.epochs)
+        if args.resnet_weights and Path(args.resnet_weights).is_file():  # trained by an earlier run
+            model = resnet()
+            model.load_state_dict(torch.load(args.resnet_weights, weights_only=True))
+            model.eval()
+        else:
+            model = train_resnet(args.train_images, args.epochs)
+            if args.resnet_weights:
+                torch.save(model.state_dict(), args.resnet_weights)
         x, y = digits32("test", args.images, seed=2)
-        print(f"\nresnet18-w16 trained {args.epochs} epochs on {args.train_images:,} digits-like 32x32 images in "
-              f"{time.perf_counter() - t0:.0f}s; accuracy {accuracy(model, x, y):.3f} on the evaluation images")
-        compare("resnet18-w16 digits32", model, Dataset(x, y, spec="digits32:test", num_classes=10), args)
+        print(f"\nresnet18-w16 trained {args.epochs} epochs on {args.train_images:,} digits-like 32x32 images "
+              f"({time.perf_counter() - t0:.0f}s); accuracy {accuracy(model, x, y):.3f} on the evaluation images")
+        compare("resnet18-w16 digits32", model, Dataset(x, y, spec="digits32:test", num_classes=10), args, resnet)
 
 
 if __name__ == "__main__":
