@@ -126,6 +126,17 @@ def proxy_result():
     return ProxyResult(table, criticality=crit)
 
 
+def shifted_results() -> pd.DataFrame:
+    """One model's results on clean data and under two shifts (rows tagged by `shift`)."""
+    t = results_table().query("model == 'base'")
+    parts = []
+    for k, shift in enumerate(["none", "gaussian_noise:3", "contrast:5"]):
+        p = t.assign(shift=shift)
+        p.loc[p["layer"] != UNMODIFIED, "criticality"] *= 1 + 0.3 * k
+        parts.append(p)
+    return pd.concat(parts, ignore_index=True)
+
+
 # kind → (positional inputs, keyword arguments)
 INPUTS = {
     "heatmap": lambda: ((comparison(),), {}),
@@ -141,6 +152,7 @@ INPUTS = {
     "ranking": lambda: ((ranking(),), {}),
     "proxy-scatter": lambda: ((proxy_result(),), {}),
     "proxy-bump": lambda: ((proxy_result(),), {}),
+    "shift": lambda: ((shifted_results(),), {}),
 }
 
 
@@ -170,7 +182,7 @@ def ticks(labels) -> list[str]:
 
 def test_registry_lists_every_kind():
     kinds = ["heatmap", "bars", "difference", "spread", "vs-metadata", "vs-accuracy", "robustness", "distances",
-             "modcrit-curves", "network-vs-epsilon", "ranking", "proxy-scatter", "proxy-bump"]
+             "modcrit-curves", "network-vs-epsilon", "ranking", "proxy-scatter", "proxy-bump", "shift"]
     assert list(PLOTS) == kinds == list(INPUTS)
     assert list(list_plots()) == kinds and all(list_plots().values())
 
@@ -186,9 +198,9 @@ def test_renders_png(kind, tmp_path):
 @pytest.mark.parametrize("kind", list(INPUTS))
 def test_draws_into_given_axes(kind):
     fig = Figure(figsize=(12, 4))
-    spare, *target = fig.subplots(1, 3 if kind in ("distances", "proxy-scatter") else 2)
+    spare, *target = fig.subplots(1, 3 if kind in ("distances", "proxy-scatter", "shift") else 2)
     args, kwargs = INPUTS[kind]()
-    if kind in ("distances", "proxy-scatter"):
+    if kind in ("distances", "proxy-scatter", "shift"):
         got_fig, got = PLOTS[kind](*args, axes=target, **kwargs)
         assert list(got) == target
     else:
