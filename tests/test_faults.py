@@ -94,6 +94,41 @@ def test_full_disk_message_through_the_cli(tmp_path, monkeypatch, capsys):
     assert sorted(os.listdir(tmp_path)) == ["d.npz"]
 
 
+def test_a_checkpoint_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    """torch.save writes through a real file that refuses data (/dev/full): OSError 28, not torch's RuntimeError."""
+    from layercrit import checkpoints, io
+
+    def full(*args, **kwargs):
+        fd = os.open("/dev/full", os.O_WRONLY)
+        return fd, str(tmp_path / "full")
+
+    os.symlink("/dev/full", tmp_path / "full")
+    monkeypatch.setattr(io.tempfile, "mkstemp", full)
+    with pytest.raises(LayercritError, match=r"could not write '.*epoch_0001\.pt' \(\[Errno 28\] No space left on "
+                                             r"device\); nothing was written, the file was not created"):
+        checkpoints.save_checkpoint(tmp_path / "epoch_0001.pt", {"w": torch.zeros(1000)})
+    assert not (tmp_path / "epoch_0001.pt").exists()
+
+
+def test_a_full_results_store_keeps_what_was_written(tmp_path):
+    """SQLite's own "database or disk is full" (a page limit stands in for the disk)."""
+    from layercrit.store import Store
+
+    row = dict(model="m", layer="fc", label="fc", probe="rerandomize", target="", trial=0, seed=1, n=10,
+               criticality=0.5, accuracy=0.9)
+    with Store(tmp_path / "r.sqlite") as store:
+        store.add_results([row], config_hash="h")
+        pages = store.db.execute("PRAGMA page_count").fetchone()[0]
+        store.db.execute(f"PRAGMA max_page_count = {pages + 1}")
+        many = [dict(row, layer=f"fc{i}", label="x" * 500) for i in range(2000)]
+        with pytest.raises(LayercritError, match=r"could not write results store '.*r\.sqlite' \(database or disk is "
+                                                 r"full\); this batch of results was not written, those written before"):
+            store.add_results(many, config_hash="h")
+        assert store.count() == 1
+    with Store(tmp_path / "r.sqlite") as store:
+        assert store.results()["layer"].tolist() == ["fc"]
+
+
 def test_output_paths_are_checked_before_compute_and_their_folders_created(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(LayercritError, match=r"output folder '.*file/sub' cannot be created: '.*file' is a file"):

@@ -207,7 +207,10 @@ def test_modcrit_output_notes_nan_and_shows_its_search():
     assert ("search: ε = 0.05 (training error); 11 α grid points, only the α that can lower μ (fast search); "
             "4 noise draws (seed 0)") in text
     assert "n = 500 training samples (seeded subset, --train-subset 500, data_seed 0)" in text
-    assert generalization.network_note(result.network.iloc[0]) and not generalization.network_note(_modcrit(False).network.iloc[0])
+    assert "modules infeasible" in generalization.network_note(result.network.iloc[0])
+    feasible = _modcrit(False).network.iloc[0]  # its pac_bayes is NaN: that alone is noted
+    assert generalization.network_note(feasible) == "pac_bayes undefined: a module exceeds the threshold at α = 1 for every σ searched"
+    assert generalization.network_note(feasible.copy().replace({feasible["pac_bayes"]: 1.0})) == ""
     whole = generalization.describe_search(result.config | {"train_subset": None, "n": 1437, "curve": True})
     assert "every α (whole curve)" in whole and "n = 1,437 training samples (all of them)" in whole
 

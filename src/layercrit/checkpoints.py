@@ -121,8 +121,8 @@ def save_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], **
     doc = {"format": FORMAT, "version": VERSION, **info}
     doc["state_dict"] = {k: v.detach().cpu().clone() for k, v in strip_wrappers(state_dict).items()}
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(doc, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(doc, f)  # through a file object: a full disk raises OSError (a path gives a RuntimeError)
     return path
 
 

@@ -33,7 +33,7 @@ from scipy import stats
 from .checkpoints import Run
 from .errors import LayercritError
 from .layers import select_units
-from .modcrit import run_module_criticality
+from .modcrit import network_note, run_module_criticality
 from .results import correlation_note
 from .robustness import spectral_norm
 
@@ -57,14 +57,6 @@ def describe_search(config: Mapping) -> str:
     return (f"ε = {eps}{where} (training {loss}); {config.get('alphas')} α grid points, {alphas}; "
             f"{config.get('noise_draws')} noise draws (seed {config.get('seed', 0)}); σ from "
             f"{config.get('sigma_min', 1e-4):g} up, bisection to ×{1 + config.get('sigma_rtol', 0.01):g}; {data}")
-
-
-def network_note(row: Mapping, loss: str = "error") -> str:
-    """Why a row of `ModcritResult.network` has no network criticality (NaN), or ""."""
-    if not math.isnan(row["network_criticality"]):
-        return ""
-    return (f"{row['infeasible_modules']} of {row['modules']} modules infeasible: training {loss} above the "
-            f"threshold even at α = 1")
 
 
 def _own_loss(value: float, loss: str) -> str:

@@ -151,9 +151,15 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _one_minus_cos(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """1 − cos(a, b) per row (a zero row counts as orthogonal to everything, as in `F.cosine_similarity`)."""
+    """1 − cos(a, b) per row (a zero row counts as orthogonal to everything, as in `F.cosine_similarity`).
+
+    Identical non-zero rows give exactly 0 (round-off would leave ±1e-16, which data files and tables
+    would show as a criticality), and round-off never makes the value negative.
+    """
     norms = _rowdot(a, a).sqrt().clamp_min(eps) * _rowdot(b, b).sqrt().clamp_min(eps)
-    return 1.0 - _rowdot(a, b) / norms
+    v = (1.0 - _rowdot(a, b) / norms).clamp_min(0.0)
+    same = (a == b).all(1) & (norms > eps * eps)
+    return v.masked_fill(same, 0.0)
 
 
 def _kl(pp: torch.Tensor, p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from .layers import Unit, select_units
 from .probes import Interpolate, gaussian_noise
 from .seeding import derive_seed
 
-__all__ = ["ModcritConfig", "ModcritResult", "module_criticality", "run_module_criticality"]
+__all__ = ["ModcritConfig", "ModcritResult", "module_criticality", "network_note", "run_module_criticality"]
 
 LOSSES = {"error": "accuracy", "cross-entropy": "loss"}
 
@@ -391,14 +391,27 @@ def module_criticality(
         t = table[table["epsilon"] == eps]
         at_one = curve_df[(curve_df["epsilon"] == eps) & (curve_df["alpha"] == 1.0)]
         pac = (at_one["mu"]).sum() if at_one["mu"].notna().all() else math.nan
+        bad = int((~t["feasible"]).sum())
         network.append({"model": model_name, "epsilon": eps, "threshold": float(t["threshold"].iloc[0]),
                         "network_criticality": float(t["mu"].sum()) if t["feasible"].all() else math.nan,
-                        "pac_bayes": float(pac), "modules": len(t), "infeasible_modules": int((~t["feasible"]).sum()),
+                        "pac_bayes": float(pac), "modules": len(t), "infeasible_modules": bad,
                         "train_loss": base_loss})
+        network[-1]["note"] = network_note(network[-1], config.loss)
     resolved = asdict(config) | {"model": model_name, "data": data.spec, "data_identity": data.identity,
                                  "n": len(data), "bisection_steps": config.bisection_steps,
                                  "base_train_loss": base_loss, **engine.stats()}
     return ModcritResult(table, curve_df, pd.DataFrame(network), total, resolved)
+
+
+def network_note(row: Mapping, loss: str = "error") -> str:
+    """Why a row of `ModcritResult.network` has no network criticality or PAC-Bayes sum (NaN), or ""."""
+    notes = []
+    if math.isnan(row["network_criticality"]):
+        notes.append(f"{row['infeasible_modules']} of {row['modules']} modules infeasible: training {loss} above the "
+                     f"threshold even at α = 1")
+    if "pac_bayes" in row and math.isnan(row["pac_bayes"]):
+        notes.append("pac_bayes undefined: a module exceeds the threshold at α = 1 for every σ searched")
+    return "; ".join(notes)
 
 
 def run_module_criticality(run, data: Dataset | str | None = None, *, progress: bool = False, **settings) -> ModcritResult:

@@ -149,14 +149,27 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE … COMMIT (ROLLBACK on error): writers queue instead of failing."""
-        self.db.execute("BEGIN IMMEDIATE")
+        """BEGIN IMMEDIATE … COMMIT (ROLLBACK on error): writers queue instead of failing.
+
+        A write the disk refuses (full, read-only, I/O error) becomes one `LayercritError` naming the
+        store: the transaction is rolled back, results committed before it are kept.
+        """
         try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already (disk full)
+                    self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            if not any(w in str(e) for w in ("disk", "readonly", "read-only", "I/O")):
+                raise
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            raise LayercritError(f"could not write results store {str(self.path)!r} ({e}); this batch of results "
+                                 f"was not written, those written before are kept") from None
 
     # -- writing -------------------------------------------------------------------------------
 
