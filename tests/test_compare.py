@@ -93,7 +93,8 @@ def test_non_resnet_names_keep_their_names(tmp_path):
 
 def test_import_stores_extras_and_metadata_and_is_idempotent(store, tmp_path):
     table = store.results()
-    assert json.loads(table["extra"][0]) == {"batch_acc": None, "pred_ce_loss": -100.5, "recovered_acc": 0.1}
+    assert "extra" not in table.columns  # unpacked into columns
+    assert pd.isna(table["batch_acc"][0]) and (table["pred_ce_loss"][0], table["recovered_acc"][0]) == (-100.5, 0.1)
     assert table["config_hash"][0].startswith("reference:") and len(table["config_hash"][0]) == 26
     models = store.models().set_index("model")
     assert models.loc["adv_a", "category"] == "adversarial" and models.loc["adv_a", "accuracy"] == 70.42

@@ -252,7 +252,8 @@ class Store:
         return {(a, b, c, int(d)) for a, b, c, d in cur.fetchall()}
 
     def results(self, probe: str | None = None, models: Iterable[str] | None = None) -> pd.DataFrame:
-        """Tidy results (one row per unit), optionally of one probe and some models."""
+        """Tidy results (one row per unit), optionally of one probe and some models; the values stored
+        in `extra` are unpacked into columns."""
         sql, args = "SELECT * FROM results", []
         where = []
         if probe is not None:
@@ -269,7 +270,10 @@ class Store:
             df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)  # all-NULL columns come back as objects
         for col in ("seed", "n", "n_params", "trial", "trials_used"):
             df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
-        return df
+        # Values without a column of their own (rel_l2, perplexity, n_nonfinite, note, imported extras)
+        # come back as columns, as `measure` returned them.
+        extra = pd.DataFrame([json.loads(e) if e else {} for e in df.pop("extra")], index=df.index)
+        return pd.concat([df, extra[[c for c in extra.columns if c not in df.columns]]], axis=1)
 
     def models(self) -> pd.DataFrame:
         """One row per model: `model, category`, the free metadata as columns, and the data identity."""
