@@ -379,7 +379,8 @@ def module_criticality(
                     "delta_norm": math.sqrt(delta2), "n_params": unit.n_params, "feasible": feasible,
                     "loss": search.known.get((best[1], best[2]), math.nan) if feasible else math.nan,
                     "note": "" if feasible else (
-                        f"infeasible: even α=1 with σ={config.sigma_min:g} has training {config.loss} above {thr:.4g}"),
+                        f"infeasible: even α=1 with σ={config.sigma_min:g} has training {config.loss} above "
+                        + (f"{thr * 100:.2f} %" if config.loss == "error" else f"{thr:.4g}")),
                 })
             total += search.evaluations
             search.unplan(search.planned - search.evaluations)  # the plan of a finished module is what it did
