@@ -390,6 +390,11 @@ def test_cli_proxies_compare_and_plots(tmp_path, capsys):
     for kind in ("proxy-scatter", "proxy-bump"):
         assert main(["plot", kind, "--results", str(out), "--out", str(tmp_path / f"{kind}.png")]) == 0
         assert (tmp_path / f"{kind}.png").stat().st_size > 1000
+    # The HTML report of a proxies file: the comparison tables and both figures.
+    assert main(["report", "--proxies", str(out), "--out", str(tmp_path / "rep"), "--quiet"]) == 0
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "Spearman" in page and "Pruning the k least important" in page and "the probe rerandomize" in page
+    assert 'name="layercrit-figures" content="2"' in page
 
 
 def test_cli_proxies_errors(tmp_path, capsys):

@@ -507,7 +507,7 @@ def cmd_report(args) -> int:
 
     check_output_dir(args.out)
     path = build_report(args.out, store=args.store, results=args.results, checkpoints=args.checkpoints,
-                        baseline=args.baseline, title=args.title, auxiliary=args.auxiliary, critical=args.critical,
+                        proxies=args.proxies, baseline=args.baseline, title=args.title, auxiliary=args.auxiliary, critical=args.critical,
                         progress=not args.quiet)
     print(f"report: {path}")
     return 0
@@ -862,6 +862,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--store", type=Path, metavar="FILE", help="results store (cross-model report)")
     src.add_argument("--results", type=Path, metavar="FILE", help="results file of `layercrit measure`")
     src.add_argument("--checkpoints", type=Path, metavar="DIR", help="training run (robustness, distances, module criticality)")
+    src.add_argument("--proxies", type=Path, metavar="FILE", help="file of `layercrit proxies --out` (proxies vs criticality)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for index.html (created with its parents)")
     p.add_argument("--baseline", metavar="MODEL", help="baseline model of a store report")
     p.add_argument("--title", help="the report's title (default: layercrit report)")

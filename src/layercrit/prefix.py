@@ -17,7 +17,9 @@ called twice, outputs read by other than the next block) fails that check and is
 
 Trials by concatenation: the T draws of one unit change block k only, so block k runs once per draw
 on the kept input (with the keyword arguments it was called with, kept by a pre-hook) and the T
-outputs, concatenated along the batch, run through blocks k+1…L and the head once, at T×B.
+outputs, concatenated along the batch, run through blocks k+1…L and the head once, at T×B. With
+`batch_trials=None` this is timed on CUDA and off on the CPU (where it measured no faster); when the
+boundaries are thinned, only blocks whose input boundary is kept are concatenated.
 """
 
 from __future__ import annotations
@@ -102,7 +104,8 @@ class PrefixExecutor(Executor):
         memory_budget: bytes of kept block outputs per batch (default 1 GiB); when the boundaries
             the probes need do not fit, every j-th is kept.
         batch_trials: concatenate the draws of one block along the batch and run the downstream
-            blocks once (True/False; None: decided on the first batch by timing both ways).
+            blocks once (True/False; None: off on the CPU, on CUDA decided on the first batch by
+            timing both ways).
         compile: not supported by this executor (the model runs eagerly); must be False.
         fallback: when the model's blocks turn out not to be a plain chain (checked on the first
             batch), run the full forward instead (with `fallback_reason`) rather than raise.
@@ -189,10 +192,18 @@ class PrefixExecutor(Executor):
         return all(p == b or p.startswith(b + ".") for p in paths)
 
     def prepare(self, perturbations: Sequence[Values]) -> None:
+        if self.batch_trials is None and self.concat_used is None and not self._on_cuda():
+            # On the CPU the concatenated pass does the same arithmetic in larger tensors and measured
+            # slower (benchmarks/bench_prefix.py); on CUDA it fills the device and is timed per run.
+            self.concat_used = False
         self._keep = sorted({self.start(v) for v in perturbations} - {0})
         # Blocks whose inputs (and keyword arguments) are kept for concatenated trials.
         self._concat_blocks = set() if self.concat_used is False else {
             k for k in (self._only_block(v) for v in perturbations) if k is not None}
+
+    def _on_cuda(self) -> bool:
+        first = next(self.model.parameters(), None)
+        return first is not None and first.device.type == "cuda"
 
     def _thin(self, boundaries: list[int], per: float) -> list[int]:
         """The boundaries that fit the budget: all, or every j-th (the last one always)."""
@@ -259,6 +270,8 @@ class PrefixExecutor(Executor):
         if kept:
             per = max(_storage_bytes([v]) for v in kept.values())
             keep = set(self._thin(sorted(kept), per))
+            if len(keep) < len(kept):  # thinned: a kept block input would hold its dropped boundary alive
+                inputs = {k: v for k, v in inputs.items() if k in keep}
             kept = {b: v for b, v in kept.items() if b in keep}
         self.peak_bytes = max(self.peak_bytes, _storage_bytes([list(kept.values()), list(inputs.values())]))
         self._batch = {"x": x, "out": out, "kept": kept, "inputs": inputs, "rows": rows}
@@ -332,27 +345,40 @@ class PrefixExecutor(Executor):
             if len(idx) == 1:
                 out[idx[0]] = self.run(perturbations[idx[0]])
                 continue
-            if self.concat_used is None:  # decide on the first group: time both ways
-                self.concat_used = self._decide(k, [perturbations[i] for i in idx])
-                if not self.concat_used:
+            if self.concat_used is None:
+                if len(idx) < 3:  # too few draws to time both ways without running one twice
                     for i in idx:
                         out[i] = self.run(perturbations[i])
                     continue
-            for s in range(0, len(idx), _MAX_CONCAT):
-                part = idx[s : s + _MAX_CONCAT]
-                for i, q in zip(part, self._concat(k, [perturbations[i] for i in part])):
-                    out[i] = q
+                self.concat_used = self._decide(k, idx, perturbations, out)
+                self._run_group(k, idx[1 + _MAX_CONCAT :], perturbations, out)
+                continue
+            self._run_group(k, idx, perturbations, out)
         return out
 
-    def _decide(self, k: int, group: list[Values]) -> bool:
+    def _run_group(self, k: int, idx: list[int], perturbations: Sequence[Values], out: list) -> None:
+        """The draws `idx` of block k into `out`, concatenated or one by one as decided."""
+        if not self.concat_used:
+            for i in idx:
+                out[i] = self.run(perturbations[i])
+            return
+        for s in range(0, len(idx), _MAX_CONCAT):
+            part = idx[s : s + _MAX_CONCAT]
+            for i, q in zip(part, self._concat(k, [perturbations[i] for i in part])):
+                out[i] = q
+
+    def _decide(self, k: int, idx: list[int], perturbations: Sequence[Values], out: list) -> bool:
+        """Whether concatenating is faster, timed on the first group without computing any draw twice:
+        its first draw runs alone, the others concatenated; every output is kept in `out`."""
         t0 = time.perf_counter()
-        for v in group:
-            self.run(v)
+        out[idx[0]] = self.run(perturbations[idx[0]])
         one = time.perf_counter() - t0
+        rest = idx[1 : 1 + _MAX_CONCAT]
         t0 = time.perf_counter()
-        self._concat(k, group[:_MAX_CONCAT])
-        both = (time.perf_counter() - t0) * len(group) / min(len(group), _MAX_CONCAT)
-        log.info("layercrit: prefix executor, %d trials one by one %.3f s, concatenated %.3f s", len(group), one, both)
+        for i, q in zip(rest, self._concat(k, [perturbations[i] for i in rest])):
+            out[i] = q
+        both = (time.perf_counter() - t0) / len(rest)
+        log.info("layercrit: prefix executor, one draw alone %.3f s, concatenated %.3f s per draw", one, both)
         return both < one
 
     def _concat(self, k: int, group: list[Values]) -> list:

@@ -287,12 +287,46 @@ def _checkpoints_report(page: _Page, run_dir: Path, auxiliary: float, critical: 
         page.add(name, search, _table(df, 2, significant=[c for c in df.columns if not str(c).endswith(" %")]))
 
 
+def _proxies_report(page: _Page, result, auxiliary: float, critical: float) -> None:
+    """A `layercrit proxies` result: the proxies, their agreement with the real criticality of the
+    same blocks (`compare_proxies`), and the scatter and bump figures."""
+    from . import plots
+    from .proxies import compare_proxies
+
+    cfg = result.config
+    page.add("What was run", _meta({
+        "model": cfg.get("model", ", ".join(map(str, result.table.get("model", pd.Series(["?"])).unique()))),
+        "data": cfg.get("data", "?"), "blocks": result.table["layer"].nunique(),
+        "criticality probes": ", ".join(sorted(result.criticality["probe"].unique())) if len(result.criticality) else "—",
+        "versions": ", ".join(f"{k} {v}" for k, v in cfg.get("versions", {}).items()),
+    }))
+    shown = result.table.copy()
+    page.add("Proxies (one pass over the data, block outputs before any final norm)", _table(shown, 4))
+    if result.criticality.empty:
+        page.add("Agreement with real criticality", "<p>The file holds no criticality of the same blocks "
+                 "(run <code>layercrit proxies --against rerandomize</code>), so nothing is compared.</p>")
+        return
+    c = compare_proxies(result)
+    crit = result.criticality
+    page.add("Main result", "".join(
+        _reading(crit[crit["probe"] == p].groupby("layer", sort=False)["criticality"].mean() * 100, f"the probe {p}",
+                 auxiliary, critical) for p in crit["probe"].unique()))
+    parts: list[str] = []
+    _try(page, parts, lambda: plots.proxy_scatter(result), "Each proxy against the real criticality (%) of the same block.")
+    _try(page, parts, lambda: plots.proxy_bump(result), "Rankings of the blocks (1 = pruned first) by proxy and by criticality.")
+    page.add("Figures", *parts)
+    page.add("Agreement with real criticality (Spearman ρ, Kendall τ, bootstrap 95 % over samples)", _table(c.correlations, 3))
+    if len(c.pruning):
+        page.add("Pruning the k least important blocks: by proxy vs by criticality", _table(c.pruning, 3))
+
+
 def build_report(
     out: str | Path,
     *,
     store: str | Path | None = None,
     results: str | Path | CriticalityResult | None = None,
     checkpoints: str | Path | None = None,
+    proxies: str | Path | object | None = None,
     baseline: str | None = None,
     title: str | None = None,
     auxiliary: float = AUXILIARY,
@@ -300,13 +334,16 @@ def build_report(
     progress: bool = False,
     modcrit: dict | None = None,
 ) -> Path:
-    """Write `out/index.html` from one source: a results store, a results file, or a checkpoint folder.
+    """Write `out/index.html` from one source: a results store, a results file, a checkpoint folder,
+    or a `layercrit proxies` file.
 
     Args:
         out: the report folder (created if missing; its parent must exist).
         store: a results store (cross-model report).
         results: a single-model results file (or `CriticalityResult`).
         checkpoints: a training run's checkpoint folder (robustness, distances, module criticality).
+        proxies: a file of `layercrit proxies --out` (or `ProxyResult`): the proxies beside the real
+            criticality of the same blocks (`compare_proxies`).
         baseline: the baseline model of a store report (default: the first of category "baseline").
         title: page title.
         auxiliary, critical: thresholds (%) of the plain-language reading.
@@ -314,9 +351,9 @@ def build_report(
         modcrit: `ModcritConfig` settings of a checkpoint report (default: ε 0.05 and 0.1, 11 α,
             4 noise draws, σ to 5 %, at most 500 training samples).
     """
-    sources = [s for s in (store, results, checkpoints) if s is not None]
+    sources = [s for s in (store, results, checkpoints, proxies) if s is not None]
     if len(sources) != 1:
-        raise LayercritError("give exactly one of --store, --results or --checkpoints")
+        raise LayercritError("give exactly one of --store, --results, --checkpoints or --proxies")
     if not 0 <= auxiliary < critical <= 100:
         raise LayercritError(f"Expected 0 ≤ auxiliary < critical ≤ 100, got {auxiliary} and {critical}")
     out = check_output_dir(out)  # created with its parents when the page is written
@@ -326,6 +363,10 @@ def build_report(
         _results_report(page, result, auxiliary, critical)
     elif store is not None:
         _store_report(page, Path(store), baseline, auxiliary, critical)
+    elif proxies is not None:
+        from .proxies import ProxyResult
+
+        _proxies_report(page, proxies if isinstance(proxies, ProxyResult) else ProxyResult.load(proxies), auxiliary, critical)
     else:
         _checkpoints_report(page, Path(checkpoints), auxiliary, critical, progress, modcrit)
     from . import __version__

@@ -4,6 +4,7 @@ one-by-one."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -52,7 +53,7 @@ def run(kind: str, executor: str, probes, **kw):
     reference = tiny(kind, seed=1).state_dict() if "reinit" in probes else None
     result = layercrit.measure(model, data(kind), factory=lambda: tiny(kind, seed=None), probes=probes,
                                reference=reference,
-                               trials=2, granularity="block", executor=executor, batch_size=4, **kw)
+                               trials=kw.pop("trials", 2), granularity="block", executor=executor, batch_size=4, **kw)
     return result
 
 
@@ -118,3 +119,63 @@ def test_memory_budget_keeps_every_jth_boundary():
     torch.testing.assert_close(torch.tensor(small.table["criticality"].to_numpy(float)),
                                torch.tensor(full.table["criticality"].to_numpy(float)), rtol=0, atol=1e-5)
     del model
+
+
+def test_llama_kwargs_reach_concatenated_blocks():
+    """The concatenated path calls block k itself with the keyword arguments a pre-hook kept (mask,
+    rotary `position_embeddings`): with padding in the batch it must equal the full forward, and
+    the same block without its mask differs on the padded rows (so a dropped mask would fail)."""
+    model = tiny("llama").eval()
+    x = data("llama")
+    last = [u for u in layercrit.select_units(model, granularity="block") if u.name.endswith("layers.3")][0]
+    probe = layercrit.create_probe("rerandomize")
+    draws = [probe.values(model, last, t) for t in range(3)]
+    ex = PrefixExecutor(model, batch_trials=True)
+    ex.prepare(draws)
+    with torch.no_grad():
+        ex.start_batch(x)
+        args, kwargs = ex._batch["inputs"][3]
+        assert "position_embeddings" in kwargs  # the rotary table reached the kept call
+        outs = ex.run_many(draws)
+        ex.end_batch()
+        for v, q in zip(draws, outs):
+            with layercrit.substitute(model, v):
+                torch.testing.assert_close(q.logits, model(**x).logits, rtol=0, atol=1e-5)
+        unmasked = {k: v for k, v in kwargs.items() if k != "attention_mask"}
+        with_mask, without = model.model.layers[3](*args, **kwargs), model.model.layers[3](*args, **unmasked)
+    first = lambda o: o[0] if isinstance(o, tuple) else o  # noqa: E731
+    assert not torch.allclose(first(with_mask)[1], first(without)[1], atol=1e-4)  # row 1 is padded
+
+
+def test_automatic_choice_of_concatenation_equals_one_by_one(monkeypatch):
+    """batch_trials None: off on the CPU; where it is timed (CUDA, forced here) the first group's draws
+    are each computed once and every result equals the one-by-one run."""
+    one = run("gpt2", "prefix", ["rerandomize"], batch_trials=False)
+    cpu = run("gpt2", "prefix", ["rerandomize"])
+    assert cpu.config["batch_trials_used"] is False
+    monkeypatch.setattr(PrefixExecutor, "_on_cuda", lambda self: True)
+    timed = run("gpt2", "prefix", ["rerandomize"], trials=3)
+    assert timed.config["batch_trials_used"] in (True, False)
+    three = run("gpt2", "prefix", ["rerandomize"], batch_trials=False, trials=3)
+    for m in ("criticality", "l2", "kl"):
+        torch.testing.assert_close(torch.tensor(timed.table[m].to_numpy(float)), torch.tensor(three.table[m].to_numpy(float)),
+                                   rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(cpu.table["kl"].to_numpy(float)), torch.tensor(one.table["kl"].to_numpy(float)),
+                               rtol=0, atol=1e-12)
+
+
+def test_bfloat16_weights_keep_bfloat16_boundaries_and_measure_in_float64():
+    """A model held in bf16 (as a 7B model on one GPU would be): the kept boundaries are bf16 (half the
+    bytes of fp32), the prefix executor equals the full forward, and the measures are finite."""
+    def bf16(seed=0):
+        return tiny("gpt2", seed).to(torch.bfloat16)
+
+    x = data("gpt2")
+    kw = dict(probes=["zero", "skip"], layers=["L*"], granularity="block", batch_size=6)
+    p16 = layercrit.measure(bf16(), x, executor="prefix", **kw)
+    f16 = layercrit.measure(bf16(), x, executor="full", **kw)
+    p32 = layercrit.measure(tiny("gpt2"), x, executor="prefix", **kw)
+    assert p16.config["kept_peak_bytes"] * 2 == p32.config["kept_peak_bytes"]
+    a, b = p16.table["criticality"].to_numpy(float), f16.table["criticality"].to_numpy(float)
+    assert np.isfinite(a).all()
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-5)
