@@ -7,13 +7,12 @@ import pytest
 import torch
 
 import layercrit
-from conftest import assert_no_hooks, assert_same_state, snapshot
+from conftest import assert_no_hooks, assert_same_measures, assert_same_state, snapshot
 from layercrit.errors import LayercritError
 from layercrit.prefix import PrefixExecutor
 
 pytestmark = pytest.mark.filterwarnings("ignore:re-randomizing with each layer's reset_parameters")
 THIN = 2 * 4 * 17 * 64 * 4  # bytes: two block outputs of a batch (4 images, 17 tokens, width 64, fp32)
-MEASURES = ["criticality", "agreement", "l1", "l2", "kl", "accuracy", "loss"]
 
 
 def _data():
@@ -42,12 +41,7 @@ def test_prefix_equals_full_on_builtin_models(name, settings):
     prefix, full = _run(name, "prefix", **settings), _run(name, "full")
     assert prefix.config["executor_used"] == "prefix"
     assert prefix.config["kept_peak_bytes"] <= settings.get("memory_budget", 1 << 30)
-    a, b = prefix.table.set_index(["layer", "probe", "trial"]), full.table.set_index(["layer", "probe", "trial"])
-    assert a.index.equals(b.index)
-    for m in MEASURES:
-        if m in a and a[m].notna().any():
-            torch.testing.assert_close(torch.tensor(a[m].to_numpy(float)), torch.tensor(b[m].to_numpy(float)),
-                                       rtol=0, atol=1e-5, equal_nan=True, msg=f"{name} {m}")
+    assert_same_measures(prefix, full)
 
 
 def test_prefix_refused_with_the_reason():

@@ -10,9 +10,8 @@ import torch
 import transformers
 
 import layercrit
+from conftest import assert_same_measures
 from layercrit.prefix import PrefixExecutor
-
-MEASURES = ["criticality", "agreement", "l1", "l2", "kl", "accuracy", "loss"]
 
 
 def tiny(kind: str, seed: int | None = 0) -> torch.nn.Module:
@@ -64,22 +63,14 @@ def test_prefix_equals_full(kind):
     prefix = run(kind, "prefix", probes, batch_trials=False, layers=blocks)
     full = run(kind, "full", probes, layers=blocks)
     assert prefix.config["executor_used"] == "prefix"
-    a, b = prefix.table.set_index(["layer", "probe", "trial"]), full.table.set_index(["layer", "probe", "trial"])
-    assert a.index.equals(b.index)
-    for m in MEASURES:
-        if m in a and a[m].notna().any():
-            torch.testing.assert_close(torch.tensor(a[m].to_numpy(float)), torch.tensor(b[m].to_numpy(float)),
-                                       rtol=0, atol=1e-5, equal_nan=True, msg=f"{kind} {m}")
+    assert_same_measures(prefix, full)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_concatenated_trials_equal_one_by_one(kind):
     one = run(kind, "prefix", ["rerandomize"], batch_trials=False)
     cat = run(kind, "prefix", ["rerandomize"], batch_trials=True)
-    a, b = one.table.set_index(["layer", "trial"]), cat.table.set_index(["layer", "trial"])
-    for m in ("criticality", "l2", "kl"):
-        torch.testing.assert_close(torch.tensor(a[m].to_numpy(float)), torch.tensor(b[m].to_numpy(float)),
-                                   rtol=0, atol=1e-5)
+    assert_same_measures(cat, one, ("criticality", "l2", "kl"))
 
 
 def test_auto_uses_prefix_on_hf_and_says_so():
@@ -157,9 +148,7 @@ def test_automatic_choice_of_concatenation_equals_one_by_one(monkeypatch):
     timed = run("gpt2", "prefix", ["rerandomize"], trials=3)
     assert timed.config["batch_trials_used"] in (True, False)
     three = run("gpt2", "prefix", ["rerandomize"], batch_trials=False, trials=3)
-    for m in ("criticality", "l2", "kl"):
-        torch.testing.assert_close(torch.tensor(timed.table[m].to_numpy(float)), torch.tensor(three.table[m].to_numpy(float)),
-                                   rtol=0, atol=1e-5)
+    assert_same_measures(timed, three, ("criticality", "l2", "kl"))
     torch.testing.assert_close(torch.tensor(cpu.table["kl"].to_numpy(float)), torch.tensor(one.table["kl"].to_numpy(float)),
                                rtol=0, atol=1e-12)
 
