@@ -186,7 +186,8 @@ def bench_b(args) -> None:
         def layercrit() -> None:
             # Decoded once, no disk cache; full-scale decoding (no libjpeg draft mode), so that the pixels
             # are the naive loop's and the criticality can be compared to the last digit.
-            data = load_imagefolder(root, resize=32, crop=32, cache=False, draft=False)
+            data = load_imagefolder(root, resize=32, crop=32, cache=False, draft=False,
+                                    mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # [0, 1] pixels, as naive decodes
             got["lc"] = measure(model, data, factory=factory, trials=TRIALS, batch_size=args.batch_size)
 
         t_decode, _ = timed(lambda: list(batches()), repeats=args.repeats, warmup=0)
