@@ -158,8 +158,11 @@ def _one_minus_cos(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torc
     """
     norms = _rowdot(a, a).sqrt().clamp_min(eps) * _rowdot(b, b).sqrt().clamp_min(eps)
     v = (1.0 - _rowdot(a, b) / norms).clamp_min(0.0)
-    same = (a == b).all(1) & (norms > eps * eps)
-    return v.masked_fill(same, 0.0)
+    small = (v < 1e-12).nonzero().squeeze(1)  # only these rows can be identical: compare them alone
+    if len(small):
+        same = (a[small] == b[small]).all(1) & (norms[small] > eps * eps)
+        v[small[same]] = 0.0
+    return v
 
 
 def _kl(pp: torch.Tensor, p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:

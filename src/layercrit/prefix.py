@@ -56,7 +56,7 @@ def _first(value) -> torch.Tensor:
         return value[0]
     if isinstance(value, Mapping):
         return _first(next(iter(value.values())))
-    raise LayercritError(f"a block returned {type(value).__name__}; expected a tensor or a tuple starting with one")
+    raise _NotAChain(f"a block returned {type(value).__name__}; expected a tensor or a tuple starting with one")
 
 
 def _with_first(value, first: torch.Tensor):
@@ -71,7 +71,7 @@ def _with_first(value, first: torch.Tensor):
         key = next(iter(value))
         out = type(value)(**{**value, key: first}) if hasattr(value, "to_tuple") else {**value, key: first}
         return out
-    raise LayercritError(f"cannot rebuild a block output of type {type(value).__name__}")
+    raise _NotAChain(f"cannot rebuild a block output of type {type(value).__name__}")
 
 
 def _equal_outputs(a, b, rtol: float = 1e-5) -> tuple[bool, float]:
@@ -95,6 +95,14 @@ def _equal_outputs(a, b, rtol: float = 1e-5) -> tuple[bool, float]:
     results = [_equal_outputs(x, y, rtol) for x, y in pairs]
     return all(ok for ok, _ in results), max((d for _, d in results), default=0.0)
 
+
+
+class _NotAChain(LayercritError):
+    """The model's blocks are not a plain chain (found on the first batch); `reason` says how."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"{reason}; use executor 'full'")
+        self.reason = reason
 
 class PrefixExecutor(Executor):
     """Re-runs only the blocks from the first changed one onward, from block outputs kept per batch.
@@ -224,10 +232,10 @@ class PrefixExecutor(Executor):
             return self._full.start_batch(x)
         try:
             return self._start_batch(x)
-        except LayercritError as e:
+        except _NotAChain as e:
             if not self.fallback:
                 raise
-            self.fallback_reason = str(e).split("; use executor")[0]
+            self.fallback_reason = e.reason
             self._full = FullForward(self.model)
             self._batch = None
             log.warning("layercrit: %s runs with the full forward: %s", type(self.model).__name__, self.fallback_reason)
@@ -262,10 +270,9 @@ class PrefixExecutor(Executor):
             for h in handles:
                 h.remove()
         if any(c != 1 for c in calls):
-            raise LayercritError(
+            raise _NotAChain(
                 f"executor 'prefix' needs every block called once per forward; {type(self.model).__name__} calls "
-                f"{self.block_names[next(i for i, c in enumerate(calls) if c != 1)]} {max(calls)} times "
-                "(use executor 'full')")
+                f"{self.block_names[next(i for i, c in enumerate(calls) if c != 1)]} {max(calls)} times")
         rows = num_samples(x)
         if kept:
             per = max(_storage_bytes([v]) for v in kept.values())
@@ -290,9 +297,9 @@ class PrefixExecutor(Executor):
             again = call_model(self.model, self._batch["x"])
         ok, diff = _equal_outputs(again, self._batch["out"])
         if not ok:
-            raise LayercritError(
+            raise _NotAChain(
                 f"executor 'prefix' cannot run {type(self.model).__name__}: starting at block {b} changes the output "
-                f"by {diff:.3g} (its blocks are not a plain chain); use executor 'full'")
+                f"by {diff:.3g} (its blocks are not a plain chain)")
 
     @contextlib.contextmanager
     def _patched(self, boundary: int, value) -> Iterator[None]:

@@ -42,16 +42,17 @@ import pandas as pd
 
 from .errors import LayercritError
 from .io import make_output_dir
+from .results import ADAPTIVE_COLUMNS as _ROW_ADAPTIVE
+from .shifts import CLEAN  # the shift of the clean data
 
 __all__ = ["SCHEMA_VERSION", "Store"]
 
 SCHEMA_VERSION = 2
 MEASURE_COLUMNS = ["criticality", "accuracy", "top5", "accuracy_drop", "agreement", "l1", "l2", "kl", "loss"]
-ADAPTIVE_COLUMNS = ["precision", "trials_used", "half_width"]  # adaptive sampling (layercrit.adaptive); NULL otherwise
+ADAPTIVE_COLUMNS = ["precision", *_ROW_ADAPTIVE]  # adaptive sampling (layercrit.adaptive); NULL otherwise
 KEY_COLUMNS = ["model", "layer", "probe", "target", "trial", "config_hash", "shift"]
 RESULT_COLUMNS = KEY_COLUMNS + ["label", "seed", "n", "n_params", *MEASURE_COLUMNS, *ADAPTIVE_COLUMNS, "extra",
                                 "data_identity", "run_id", "created"]
-CLEAN = "none"  # the shift of the clean data
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
