@@ -49,9 +49,9 @@ from scipy import stats
 
 import layercrit as lc
 from common import machine
-from layercrit import adaptive
-from layercrit.checkpoints import build_model
+from layercrit.analyses import adaptive
 from layercrit.data import Dataset, load_data
+from layercrit.training.checkpoints import build_model
 
 
 def digits32(split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

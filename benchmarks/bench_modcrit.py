@@ -15,8 +15,8 @@ import pandas as pd
 
 from common import machine, timed
 from layercrit import TrainConfig, train
-from layercrit.generalization import rank_runs
-from layercrit.modcrit import run_module_criticality
+from layercrit.analyses.generalization import rank_runs
+from layercrit.analyses.modcrit import run_module_criticality
 
 RANK_MODELS = ["fcn-1x256", "fcn-2x256", "fcn-3x256", "fcn-5x256", "fcn-3x64", "fcn-3x128"]
 

@@ -30,10 +30,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import machine, timed
 from layercrit import Dataset, TrainConfig, create_model, measure, select_units, train
+from layercrit.analyses.modcrit import module_criticality, run_module_criticality
 from layercrit.data import load_imagefolder
-from layercrit.executors import IncrementalExecutor
-from layercrit.modcrit import module_criticality, run_module_criticality
-from layercrit.probes import Rerandomize
+from layercrit.engine.executors.incremental import IncrementalExecutor
+from layercrit.engine.probes import Rerandomize
 from layercrit.seeding import derive_seed
 
 MODEL, SHAPE, TRIALS = "resnet18-w16", (3, 32, 32), 3

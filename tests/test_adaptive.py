@@ -12,7 +12,15 @@ import torch
 import torch.nn as nn
 
 from layercrit import Dataset, LayercritError, measure
-from layercrit.adaptive import FIRST_IMAGES, FIRST_TRIALS, Cell, evaluation_order, interval, next_size, run_rounds
+from layercrit.analyses.adaptive import (
+    FIRST_IMAGES,
+    FIRST_TRIALS,
+    Cell,
+    evaluation_order,
+    interval,
+    next_size,
+    run_rounds,
+)
 from layercrit.results import UNMODIFIED, VALUE_COLUMNS
 
 
@@ -180,8 +188,8 @@ def test_summary_shows_images_trials_and_half_width():
 
 
 def test_cli_table_and_report_show_images_trials_and_half_width(tmp_path):
-    from layercrit.cli import format_summary
-    from layercrit.report import build_report
+    from layercrit.analyses.criticality import format_summary
+    from layercrit.viz.report import build_report
 
     torch.manual_seed(0)
     r = measure(TwoPaths(), torch.randn(600, 4), factory=TwoPaths, precision=0.05, batch_size=100, model_name="toy")
@@ -209,7 +217,7 @@ def test_max_trials_needs_adaptive_sampling():
 
 
 def test_cli_precision_not_positive_is_one_line(capsys):
-    from layercrit.cli import main
+    from layercrit.cli.app import main
 
     assert main(["measure", "--model", "fcn-3x64", "--data", "digits", "--precision", "0", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
@@ -275,7 +283,7 @@ def zoo_dir(tmp_path):
 
 
 def _store_rows(path) -> pd.DataFrame:
-    from layercrit.store import Store
+    from layercrit.zoo.store import Store
 
     with Store(path, create=False) as s:
         t = s.results()
@@ -287,10 +295,10 @@ def _store_rows(path) -> pd.DataFrame:
 def test_interrupted_adaptive_sweep_resumes_its_rounds(zoo_dir, monkeypatch):
     """Killed after its second round, a sweep run again continues each unit from the stored round (it
     does not evaluate the first rounds' images again) and stores the rows an uninterrupted sweep stores."""
-    from layercrit import engine as engine_module
-    from layercrit import sweep as sweep_module
-    from layercrit.store import Store
-    from layercrit.sweep import sweep
+    from layercrit.engine import engine as engine_module
+    from layercrit.zoo import sweep as sweep_module
+    from layercrit.zoo.store import Store
+    from layercrit.zoo.sweep import sweep
 
     (zoo_dir / "zoo.toml").write_text(ZOO.format(extra='shifts = ["contrast:5"]'))
     sweep(zoo_dir / "zoo.toml", zoo_dir / "whole.sqlite", progress=False)
@@ -338,7 +346,7 @@ def test_interrupted_adaptive_sweep_resumes_its_rounds(zoo_dir, monkeypatch):
 
 
 def test_zoo_checks_the_adaptive_settings_and_shifts(zoo_dir):
-    from layercrit.zoo import load_zoo
+    from layercrit.zoo.zoofile import load_zoo
 
     (zoo_dir / "bad.toml").write_text(ZOO.format(extra='shifts = ["fog:3", "contrast:9"]').replace(
         "precision = 0.02", "precision = 0").replace("max_trials = 12", "max_trials = 12\nrank_only = 1"))
@@ -360,7 +368,7 @@ def test_zoo_checks_the_adaptive_settings_and_shifts(zoo_dir):
 def test_a_version_1_store_is_migrated_and_keeps_its_rows(tmp_path):
     import sqlite3
 
-    from layercrit.store import SCHEMA_VERSION, Store
+    from layercrit.zoo.store import SCHEMA_VERSION, Store
 
     path = tmp_path / "v1.sqlite"
     db = sqlite3.connect(path)

@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 from layercrit import LayercritError, list_layers, select_units
-from layercrit.layers import is_norm_layer
 from layercrit.models import create_model, factory_for_data, list_models
 from layercrit.models.resnet import Block, ResNet
+from layercrit.units.layers import is_norm_layer
 
 BIG = {"vit-b16", "mixer-b16"}
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from layercrit.blocks import find_block_stack
 from layercrit.models import create_model
 from layercrit.testing import TinyMLP, TinyResNet, TinyTransformer
+from layercrit.units.blocks import find_block_stack
 
 
 def test_builtin_vit_and_mixer():

@@ -158,7 +158,7 @@ def _help(command: str) -> str:
     import contextlib
     import io
 
-    from layercrit.cli import main
+    from layercrit.cli.app import main
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as e:
@@ -173,10 +173,11 @@ def test_help_is_complete_for_every_command(monkeypatch):
     is listed where a command takes them."""
     import argparse
 
-    from layercrit.cli import _first_sentence, build_parser
+    from layercrit.cli._help import _first_sentence
+    from layercrit.cli.app import build_parser
     from layercrit.data import SPECS
-    from layercrit.plots import PLOTS
-    from layercrit.probes import PROBES, list_probes
+    from layercrit.engine.probes import PROBES, list_probes
+    from layercrit.viz import PLOTS
 
     monkeypatch.setenv("COLUMNS", "80")
     parser = build_parser()
@@ -206,7 +207,7 @@ def test_train_into_a_new_folder_then_modcrit_plots_find_their_companion_files(w
     """`train --out runs/fcn` needs no mkdir; the training bar has a total in batches; `plot
     modcrit-curves --results m.csv` reads m.curve.csv, network-vs-epsilon m.network.csv, and a
     missing companion is named in the error."""
-    import layercrit.training as training
+    import layercrit.training.trainer as training
 
     r = run("train", "--model", "userfcn.py:make", "--data", "d.npz", "--test-data", "d.npz", "--epochs", "2",
             "--out", "runs/fcn", "--quiet", cwd=work)

@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from layercrit.compare import Comparison, format_comparison, summarize
 from layercrit.errors import LayercritError
-from layercrit.export import export
-from layercrit.reference import import_reference, read_reference
 from layercrit.results import UNMODIFIED
-from layercrit.store import Store
+from layercrit.zoo.compare import Comparison, format_comparison, summarize
+from layercrit.zoo.export import export
+from layercrit.zoo.reference import import_reference, read_reference
+from layercrit.zoo.store import Store
 
 LAYERS = ["model.conv1", "model.layer1.0.conv1", "model.fc"]  # the reference wraps the ResNet as `model`
 LABELS = ["[0.0] conv", "[1.0] conv1", "[Head] fc"]

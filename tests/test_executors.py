@@ -7,13 +7,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import assert_no_hooks, assert_same_state, snapshot
 from layercrit import EXECUTORS, Engine, FullForward, LayercritError, Perturbation, create_model, list_models, measure
-from layercrit.executors import IncrementalExecutor
-from layercrit.layers import select_units
-from layercrit.probes import Interpolate, Reinit, Rerandomize, Zero
+from layercrit.engine.executors.incremental import IncrementalExecutor
+from layercrit.engine.probes import Interpolate, Reinit, Rerandomize, Zero
 from layercrit.results import VALUE_COLUMNS
-from layercrit.testing import TinyMLP, TinyResNet, TinyTransformer
+from layercrit.testing import TinyMLP, TinyResNet, TinyTransformer, assert_no_hooks, assert_same_state, snapshot
+from layercrit.units.layers import select_units
 
 TOL = 1e-5
 MODELS = list_models()  # every built-in architecture, the B/16 ViT and Mixer included (small inputs)
@@ -350,7 +349,7 @@ def test_inplace_activations_dropout_and_optional_arguments_run_incrementally():
 
 
 def test_the_trace_is_made_once_per_model():
-    from layercrit.executors import _Trace
+    from layercrit.engine.executors.fx_graph import _Trace
 
     model = TinyResNet()
     assert _Trace.of(model) is _Trace.of(model)

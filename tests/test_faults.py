@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from layercrit import LayercritError
-from layercrit.cli import main
-from layercrit.io import atomic_path, check_output_path
+from layercrit._utils.io import atomic_path, check_output_path
+from layercrit.cli.app import main
 
 ENV = os.environ | {"PYTHONWARNINGS": "ignore"}
 USER_MODEL = '''
@@ -96,7 +96,8 @@ def test_full_disk_message_through_the_cli(tmp_path, monkeypatch, capsys):
 
 def test_a_checkpoint_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
     """torch.save writes through a real file that refuses data (/dev/full): OSError 28, not torch's RuntimeError."""
-    from layercrit import checkpoints, io
+    from layercrit._utils import io
+    from layercrit.training import checkpoints
 
     def full(*args, **kwargs):
         fd = os.open("/dev/full", os.O_WRONLY)
@@ -112,7 +113,7 @@ def test_a_checkpoint_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
 
 def test_a_full_results_store_keeps_what_was_written(tmp_path):
     """SQLite's own "database or disk is full" (a page limit stands in for the disk)."""
-    from layercrit.store import Store
+    from layercrit.zoo.store import Store
 
     row = dict(model="m", layer="fc", label="fc", probe="rerandomize", target="", trial=0, seed=1, n=10,
                criticality=0.5, accuracy=0.9)

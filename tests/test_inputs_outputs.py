@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import assert_no_hooks, assert_same_state, snapshot
 from layercrit import LayercritError, load_data, measure
-from layercrit.engine import Engine
-from layercrit.inputs import call_model, concat, num_samples, take
-from layercrit.measures import CHUNK_BYTES, MeasureSums, sample_measures
-from layercrit.outputs import IGNORE, create_output, list_outputs
+from layercrit.data.inputs import call_model, concat, num_samples, take
+from layercrit.engine.engine import Engine
+from layercrit.engine.measures import CHUNK_BYTES, MeasureSums, sample_measures
+from layercrit.engine.outputs import IGNORE, create_output, list_outputs
+from layercrit.testing import assert_no_hooks, assert_same_state, snapshot
 
 LN2, LN5 = math.log(2.0), math.log(5.0)
 
@@ -222,7 +222,7 @@ def test_chunked_measures_equal_unchunked():
 
 def test_a_32k_vocabulary_is_measured_in_chunks(monkeypatch):
     """No chunk of a (tokens × 32 000) comparison takes more than CHUNK_BYTES of float64 work."""
-    import layercrit.measures as m
+    import layercrit.engine.measures as m
 
     seen = []
     real = m._measure_chunk

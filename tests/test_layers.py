@@ -96,8 +96,8 @@ def test_selection_globs_groups_and_errors():
 
 def test_wrapped_resnet_keeps_paper_labels():
     """A normalization wrapper (`model.` prefix) does not hide the ResNet layout."""
+    from layercrit.analyses.robustness import builtin_groups
     from layercrit.data import wrap_normalized
-    from layercrit.robustness import builtin_groups
 
     model = wrap_normalized(TinyResNet(), [0.5], [0.25])
     labels = {la.name: la.label for la in list_layers(model)}

@@ -5,11 +5,10 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import assert_no_hooks, assert_same_state, snapshot
 from layercrit import LayercritError, load_data, measure
 from layercrit.models import factory_for_data
 from layercrit.results import UNMODIFIED, CriticalityResult
-from layercrit.testing import TinyCNN
+from layercrit.testing import TinyCNN, assert_no_hooks, assert_same_state, snapshot
 
 COLUMNS = ["model", "layer", "label", "probe", "trial", "seed", "n", "criticality", "accuracy", "top5",
            "accuracy_drop", "agreement", "l1", "l2", "kl"]

@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 
 from layercrit import Dataset, LayercritError, TrainConfig, load_data, select_units, train
-from layercrit.checkpoints import Run
-from layercrit.generalization import complexity_measures, rank_measures
-from layercrit.modcrit import ModcritConfig, module_criticality
-from layercrit.probes import Interpolate, gaussian_noise
+from layercrit.analyses.generalization import complexity_measures, rank_measures
+from layercrit.analyses.modcrit import ModcritConfig, module_criticality
+from layercrit.engine.probes import Interpolate, gaussian_noise
 from layercrit.seeding import derive_seed
+from layercrit.training.checkpoints import Run
 
 
 def _toy():
@@ -198,7 +198,7 @@ def test_progress_has_a_planned_total_that_ends_exact_and_a_long_run_says_how_to
     """The bar's total is planned before the search (an upper bound) and lowered as points are ruled
     out: it never falls below what is done and ends equal to the evaluations spent. A run estimated
     above LONG_RUN_SECONDS (here 0) prints once how to make it shorter."""
-    import layercrit.modcrit as mc
+    import layercrit.analyses.modcrit as mc
 
     bars = []
 

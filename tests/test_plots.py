@@ -15,25 +15,21 @@ from PIL import Image
 from scipy import stats
 
 from layercrit import LayercritError, measure
-from layercrit.compare import summarize
-from layercrit.plots import (
-    PLOTS,
+from layercrit.results import UNMODIFIED, CriticalityResult
+from layercrit.testing import TinyMLP
+from layercrit.viz import PLOTS, list_plots
+from layercrit.viz._style import save_figure
+from layercrit.viz.criticality import (
     criticality_bars,
     criticality_heatmap,
     criticality_vs_accuracy,
     criticality_vs_metadata,
     difference_heatmap,
-    distance_heatmaps,
-    list_plots,
-    modcrit_curves,
-    network_criticality_vs_epsilon,
-    ranking_table,
-    robustness_heatmap,
-    save_figure,
     spread_heatmap,
 )
-from layercrit.results import UNMODIFIED, CriticalityResult
-from layercrit.testing import TinyMLP
+from layercrit.viz.modcrit import modcrit_curves, network_criticality_vs_epsilon, ranking_table
+from layercrit.viz.robustness import distance_heatmaps, robustness_heatmap
+from layercrit.zoo.compare import summarize
 
 LABELS = ["[0.0] conv", "[1.0] conv1", "[Head] fc"]
 # Table order interleaves categories on purpose: the heatmap must regroup them, baseline first.
@@ -116,7 +112,7 @@ def ranking() -> pd.DataFrame:
 
 def proxy_result():
     """Three blocks, two proxies, the rerandomize criticality of each block (two trials)."""
-    from layercrit.proxies import ProxyResult
+    from layercrit.analyses.proxies.result import ProxyResult
 
     blocks = [("h.0", "L00"), ("h.1", "L01"), ("h.2", "L02")]
     table = pd.DataFrame([dict(model="gpt", layer=b, label=lab, proxy=p, n=1, value=v * (i + 1))

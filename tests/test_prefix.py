@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import layercrit
-from conftest import assert_no_hooks, assert_same_measures, assert_same_state, snapshot
+from layercrit.engine.executors.prefix import PrefixExecutor
 from layercrit.errors import LayercritError
-from layercrit.prefix import PrefixExecutor
+from layercrit.testing import assert_no_hooks, assert_same_measures, assert_same_state, snapshot
 
 pytestmark = pytest.mark.filterwarnings("ignore:re-randomizing with each layer's reset_parameters")
 THIN = 2 * 4 * 17 * 64 * 4  # bytes: two block outputs of a batch (4 images, 17 tokens, width 64, fp32)

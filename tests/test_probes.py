@@ -4,12 +4,19 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import assert_no_hooks, assert_same_state, snapshot
 from layercrit import LayercritError, create_model, list_probes, select_units, substitute
+from layercrit.engine.probes import PROBES, Interpolate, Reinit, Rerandomize, Zero
 from layercrit.models import resolve_factory
-from layercrit.probes import PROBES, Interpolate, Reinit, Rerandomize, Zero
 from layercrit.seeding import derive_seed
-from layercrit.testing import TinyCNN, TinyMLP, TinyResNet, TinyTransformer
+from layercrit.testing import (
+    TinyCNN,
+    TinyMLP,
+    TinyResNet,
+    TinyTransformer,
+    assert_no_hooks,
+    assert_same_state,
+    snapshot,
+)
 
 
 def make_probe(name, model):
@@ -229,7 +236,7 @@ def test_skip_sublayer_adds_nothing_to_the_residual():
 
 
 def test_skip_modes_and_bad_units():
-    from layercrit.probes import Change, skip_mode
+    from layercrit.engine.probes import Change, skip_mode
 
     model = TinyTransformer()
     assert skip_mode(model, "encoder.layers.0") == "input"
@@ -281,7 +288,7 @@ def test_skip_restores_after_exception():
 def test_skip_in_measure_equals_the_model_without_the_block(executor):
     """Through the engine (the incremental executor runs a skip as a full forward with hooks)."""
     from layercrit import measure
-    from layercrit.measures import sample_measures
+    from layercrit.engine.measures import sample_measures
 
     torch.manual_seed(0)
     model = create_model("vit-tiny", num_classes=3, input_shape=(1, 8, 8), patch_size=4).eval()

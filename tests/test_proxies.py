@@ -10,24 +10,25 @@ import torch
 import torch.nn as nn
 from scipy import stats
 
-from conftest import assert_no_hooks, assert_same_state, snapshot
-from layercrit.data import Dataset
-from layercrit.errors import LayercritError
-from layercrit.proxies import (
-    ProxyResult,
+from layercrit.analyses.proxies.compare import (
     _kendall_rows,
     _spearman_rows,
-    angular_distance,
-    block_influence,
     bootstrap_rank_correlations,
     compare_proxies,
+)
+from layercrit.analyses.proxies.measure import proxies
+from layercrit.analyses.proxies.result import ProxyResult
+from layercrit.analyses.proxies.similarity import (
+    angular_distance,
+    block_influence,
     cosine,
     last_positions,
-    proxies,
     relative_l2,
     sample_means,
 )
-from layercrit.testing import TinyResNet, TinyTransformer
+from layercrit.data import Dataset
+from layercrit.errors import LayercritError
+from layercrit.testing import TinyResNet, TinyTransformer, assert_no_hooks, assert_same_state, snapshot
 
 R = 1 / math.sqrt(2)
 
@@ -184,7 +185,7 @@ def test_compare_proxies_bootstrap_resamples_both_sides_together():
 
 def test_bootstrap_weights_make_token_means():
     """With token-count weights a unit's value is the mean over all tokens, Σ w·v / Σ w."""
-    from layercrit.proxies import _resample_means
+    from layercrit.analyses.proxies.compare import _resample_means
 
     v, w = np.array([[1.0], [4.0]]), np.array([[1.0], [3.0]])
     assert _resample_means(v, w, np.array([[1.0, 1.0], [2.0, 0.0]])).ravel().tolist() == [13 / 4, 1.0]
@@ -373,7 +374,7 @@ def test_proxy_result_round_trips_through_json_and_csv(tmp_path):
 
 
 def test_cli_proxies_compare_and_plots(tmp_path, capsys):
-    from layercrit.cli import main
+    from layercrit.cli.app import main
 
     out = tmp_path / "p.csv"
     assert main(["proxies", "--model", "vit-tiny", "--data", "digits", "--images", "12", "--max-n", "2",
@@ -398,7 +399,7 @@ def test_cli_proxies_compare_and_plots(tmp_path, capsys):
 
 
 def test_cli_proxies_errors(tmp_path, capsys):
-    from layercrit.cli import main
+    from layercrit.cli.app import main
 
     assert main(["proxies", "--model", "fcn-3x64", "--data", "digits", "--images", "4", "--quiet"]) == 2
     assert "no stack of repeated blocks" in capsys.readouterr().err

@@ -20,10 +20,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from layercrit import plots
-from layercrit.compare import summarize
-from layercrit.reference import UNKNOWN_CATEGORY, import_reference
-from layercrit.store import Store
+from layercrit import viz as plots
+from layercrit.zoo.compare import summarize
+from layercrit.zoo.reference import UNKNOWN_CATEGORY, import_reference
+from layercrit.zoo.store import Store
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gavrikov2024"
 RESULTS, METADATA = DATA / "results.csv.gz", DATA / "models.csv"
@@ -177,7 +177,7 @@ def test_paper_zoo_describes_the_50_models(data, tmp_path):
     """zoos/gavrikov2024.toml parses with the real validation once its files exist; as shipped, the
     validation names exactly the files the user must provide (weights and ImageNet)."""
     from layercrit.errors import LayercritError
-    from layercrit.zoo import load_zoo
+    from layercrit.zoo.zoofile import load_zoo
 
     meta = pd.read_csv(data[1], dtype={"model_id": str})
     with pytest.raises(LayercritError) as e:

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from layercrit import LayercritError, TrainConfig, load_data, measure, train
-from layercrit.report import build_report
-from layercrit.store import Store
 from layercrit.testing import TinyCNN
+from layercrit.viz.report import build_report
+from layercrit.zoo.store import Store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

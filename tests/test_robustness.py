@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from layercrit import LayercritError, TrainConfig, load_data, measure, train
-from layercrit.checkpoints import Run, save_checkpoint
-from layercrit.robustness import builtin_groups, robustness, weight_distances
+from layercrit.analyses.robustness import builtin_groups, robustness, weight_distances
 from layercrit.testing import TinyResNet
+from layercrit.training.checkpoints import Run, save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from layercrit import LayercritError, cli, generalization, results
-from layercrit.compare import format_comparison, summarize
-from layercrit.export import export
-from layercrit.modcrit import ModcritResult
-from layercrit.plots import criticality_bars, criticality_vs_accuracy, criticality_vs_metadata, modcrit_curves
-from layercrit.report import build_report
+from layercrit import LayercritError
+from layercrit._utils import display, stats
+from layercrit.analyses import generalization
+from layercrit.analyses.criticality import format_summary
+from layercrit.analyses.generalization import format_ranking
+from layercrit.analyses.modcrit import ModcritResult, format_modcrit
+from layercrit.analyses.robustness import format_robustness
 from layercrit.results import UNMODIFIED, CriticalityResult
-from layercrit.store import Store
+from layercrit.viz.criticality import criticality_bars, criticality_vs_accuracy, criticality_vs_metadata
+from layercrit.viz.modcrit import modcrit_curves
+from layercrit.viz.report import build_report
+from layercrit.zoo.compare import format_comparison, summarize
+from layercrit.zoo.export import export
+from layercrit.zoo.store import Store
 
 # The case: zoo accuracies 75.41-75.55 %, average criticalities a few %.
 ZOO = {"a": ("baseline", 75.41, 0.0, "none"), "b": ("adversarial", 75.55, 4.0, "linf"),
@@ -91,10 +97,10 @@ def test_export_keeps_zoo_metadata_prefixed_in_csv_and_parquet(store, tmp_path):
 
 
 def test_format_number_prints_rounding_noise_as_zero():
-    assert results.format_percent(3.1e-18) == "0" and results.format_percent(-2.2e-16) == "0"
-    assert results.format_number(-0.004, 2) == "0" and results.format_number(-0.006, 2) == "-0.01"
-    assert results.format_percent(0.1234) == "12.34" and results.format_number(0.05, 1, scale=100, sign=True) == "+5.0"
-    assert results.format_number(math.nan) == "—" and results.format_number(None) == "—"
+    assert display.format_percent(3.1e-18) == "0" and display.format_percent(-2.2e-16) == "0"
+    assert display.format_number(-0.004, 2) == "0" and display.format_number(-0.006, 2) == "-0.01"
+    assert display.format_percent(0.1234) == "12.34" and display.format_number(0.05, 1, scale=100, sign=True) == "+5.0"
+    assert display.format_number(math.nan) == "—" and display.format_number(None) == "—"
 
 
 def _result(crit: dict[str, float], accuracy: float = 0.9) -> CriticalityResult:
@@ -107,12 +113,12 @@ def _result(crit: dict[str, float], accuracy: float = 0.9) -> CriticalityResult:
 
 
 def test_cli_tables_print_exact_zeros():
-    text = cli.format_summary(_result({"fc1": 3.1e-18, "fc2": 0.25}))
+    text = format_summary(_result({"fc1": 3.1e-18, "fc2": 0.25}))
     assert "-0.00" not in text and "e-18" not in text
     fc1 = next(line for line in text.splitlines() if line.startswith("fc1"))
     assert fc1.split()[2] == "0"
     t = pd.DataFrame({"label": ["a", "a"], "target": ["E0", "E1"], "error": [-1e-17, 0.5]})
-    assert cli._pivot(t, "error").splitlines()[-1].split() == ["a", "0", "50.0"]
+    assert format_robustness(t, "error").splitlines()[-1].split() == ["a", "0", "50.0"]
 
 
 LIMITED = [  # (plot, inputs, keyword, the % axis)
@@ -153,16 +159,16 @@ def test_limits_option(store):
 
 
 def test_p_values_below_display_precision():
-    assert results.format_p(0.0) == "<0.001" and results.format_p(4e-7) == "<0.001" and results.format_p(0.0012) == "0.001"
-    assert results.format_p(0.5) == "0.500" and results.format_p(math.nan) == "—"
+    assert display.format_p(0.0) == "<0.001" and display.format_p(4e-7) == "<0.001" and display.format_p(0.0012) == "0.001"
+    assert display.format_p(0.5) == "0.500" and display.format_p(math.nan) == "—"
 
 
 def test_small_samples_and_undefined_correlations_are_noted():
-    assert results.correlation_note(2) == "n = 2: fewer than 3 values, no rank correlation"
-    assert results.correlation_note(3).startswith("n = 3 < 5: too few for a test") and "0.33" in results.correlation_note(3)
-    assert "0.083" in results.correlation_note(4)
-    assert results.correlation_note(4, [1, 1, 1, 1], [1, 2, 3, 4]) == "constant values: no ranking, no correlation"
-    assert results.correlation_note(5) == ""
+    assert stats.correlation_note(2) == "n = 2: fewer than 3 values, no rank correlation"
+    assert stats.correlation_note(3).startswith("n = 3 < 5: too few for a test") and "0.33" in stats.correlation_note(3)
+    assert "0.083" in stats.correlation_note(4)
+    assert stats.correlation_note(4, [1, 1, 1, 1], [1, 2, 3, 4]) == "constant values: no ranking, no correlation"
+    assert stats.correlation_note(5) == ""
 
 
 def test_rank_output_shows_small_p_and_notes():
@@ -175,7 +181,7 @@ def test_rank_output_shows_small_p_and_notes():
     assert ranking.loc["dti", "spearman_p"] == 0 and "n = 3 < 5" in ranking.loc["dti", "note"]
     assert ranking.loc["nop", "note"] == "constant values: no ranking, no correlation"
     assert ranking.loc["network_criticality@0.05", "note"].startswith("n = 2: fewer than 3")
-    text = cli.format_ranking(models, ranking.reset_index())
+    text = format_ranking(models, ranking.reset_index())
     assert "<0.001" in text and "0.000" not in text
     assert "n = 3 < 5: too few for a test" in text
     assert "note: y: undefined at ε = 0.05" in text
@@ -200,7 +206,7 @@ def _modcrit(network_nan: bool) -> ModcritResult:
 
 def test_modcrit_output_notes_nan_and_shows_its_search():
     result = _modcrit(network_nan=True)
-    text = cli.format_modcrit(result)
+    text = format_modcrit(result)
     assert "epsilon %" in text and "loss %" in text and "4.90" in text  # training error in %
     assert "1 of 2 modules infeasible: training error above the threshold even at α = 1" in text
     assert "training error of the model itself: 7.20 %" in text
@@ -246,7 +252,7 @@ def test_store_report_tables_in_percent(store, tmp_path):
 
 
 def test_ranking_figure_marks_small_samples():
-    from layercrit.plots import ranking_table
+    from layercrit.viz.modcrit import ranking_table
 
     ranking = pd.DataFrame([{"measure": "dti", "against": "ge", "n": 3, "kendall_tau": 1.0, "kendall_p": 1 / 3,
                              "spearman_rho": 1.0, "spearman_p": 0.0}])

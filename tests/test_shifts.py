@@ -12,12 +12,10 @@ from PIL import Image
 from scipy import ndimage
 
 from layercrit import LayercritError, MeasureConfig, load_data, measure
-from layercrit.cli import main
+from layercrit.analyses.shifts import shift_correlations, shift_summary
+from layercrit.cli.app import main
 from layercrit.data import Dataset
-from layercrit.models import factory_for_data
-from layercrit.results import UNMODIFIED
-from layercrit.shifts import (
-    CLEAN,
+from layercrit.data.corruptions import (
     SHIFTS,
     box_resize_matrix,
     create_shift,
@@ -25,10 +23,10 @@ from layercrit.shifts import (
     list_shifts,
     parse_normalization,
     parse_shifts,
-    shift_correlations,
     shift_dataset,
-    shift_summary,
 )
+from layercrit.models import factory_for_data
+from layercrit.results import CLEAN, UNMODIFIED
 
 IMAGENET_C = ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "gaussian_blur", "contrast",
               "brightness", "jpeg_compression", "pixelate"]
@@ -361,7 +359,8 @@ def test_cli_measure_summarize_plot_and_errors(tmp_path, capsys):
 
 
 def test_shift_plot_one_model(tmp_path):
-    from layercrit.plots import PLOTS, shift_heatmaps
+    from layercrit.viz import PLOTS
+    from layercrit.viz.shifts import shift_heatmaps
 
     assert PLOTS["shift"] is shift_heatmaps
     rows = [["m", sh, la, la, "rerandomize", "", 0, v, 0.5]

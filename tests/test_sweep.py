@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from layercrit import LayercritError, load_data, measure
-from layercrit.checkpoints import build_model
-from layercrit.store import Store
-from layercrit.sweep import sweep
-from layercrit.zoo import load_zoo
+from layercrit.training.checkpoints import build_model
+from layercrit.zoo.store import Store
+from layercrit.zoo.sweep import sweep
+from layercrit.zoo.zoofile import load_zoo
 
 USER_MODEL = '''
 import torch.nn as nn
@@ -278,8 +278,8 @@ def test_log_records_of_libraries_print_above_the_progress_bar(zoo_dir, tmp_path
     inside the bar's line."""
     import logging
 
-    import layercrit.sweep as sw
-    from layercrit.cli import main
+    import layercrit.zoo.sweep as sw
+    from layercrit.cli.app import main
 
     pytest.importorskip("ray")  # its logger prints through a handler of its own (as in the CLI's ray backend)
 
@@ -297,7 +297,7 @@ def test_log_records_of_libraries_print_above_the_progress_bar(zoo_dir, tmp_path
 
 
 def test_a_model_failing_while_running_is_reported_once(zoo_dir, tmp_path, monkeypatch):
-    import layercrit.sweep as sw
+    import layercrit.zoo.sweep as sw
 
     real = sw.run_item
 
@@ -317,7 +317,7 @@ def test_records_reaching_a_root_logger_without_handlers_print_above_bars(monkey
 
     from tqdm.auto import tqdm
 
-    from layercrit.io import logging_above_bars
+    from layercrit._utils.io import logging_above_bars
 
     monkeypatch.setattr(logging.root, "handlers", [])  # as in a plain CLI process (pytest adds its own)
     with logging_above_bars():

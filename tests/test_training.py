@@ -54,7 +54,7 @@ def test_refuses_to_overwrite_and_bad_config(tmp_path):
 def test_a_transformer_trains_and_gets_zhangs_robustness_table(tmp_path):
     """Zhang et al. §5 on a transformer: the built-in `vit-digits` trains on 8×8 digits, and robustness
     (each block reset to checkpoint τ or re-randomized) and distances run on its checkpoints."""
-    from layercrit.robustness import robustness, weight_distances
+    from layercrit.analyses.robustness import robustness, weight_distances
 
     run = train(_cfg(model="vit-digits", epochs=2), tmp_path / "vit")
     manifest = json.loads((tmp_path / "vit" / "manifest.json").read_text())

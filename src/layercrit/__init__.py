@@ -5,21 +5,22 @@
     >>> result.summary()
 """
 
-__version__ = "0.1.0"
-
-from .checkpoints import apply_weights, load_checkpoint, load_state_dict, save_checkpoint
-from .criticality import MeasureConfig, measure
+from ._version import __version__
+from .analyses.criticality import MeasureConfig, measure
+from .analyses.generalization import rank_runs
+from .analyses.modcrit import ModcritConfig, run_module_criticality
+from .analyses.proxies import ProxyComparison, ProxyResult, compare_proxies, proxies
+from .analyses.robustness import robustness, weight_distances
 from .data import Dataset, load_data
-from .engine import EXECUTORS, Engine, Executor, FullForward, Perturbation
+from .engine import EXECUTORS, Engine, Executor, FullForward, Perturbation, RunSettings
+from .engine.measures import MeasureSums, criticality, sample_measures
+from .engine.outputs import OUTPUTS, OutputAdapter, create_output, list_outputs
+from .engine.probes import Interpolate, Probe, Reinit, Rerandomize, Zero, create_probe, list_probes, substitute
 from .errors import LayercritError
-from .layers import Layer, Unit, list_layers, select_units
-from .measures import MeasureSums, criticality, sample_measures
 from .models import ModelFactory, create_model, list_models, register_model, resolve_factory
-from .outputs import OUTPUTS, OutputAdapter, create_output, list_outputs
-from .probes import Interpolate, Probe, Reinit, Rerandomize, Zero, create_probe, list_probes, substitute
-from .proxies import ProxyComparison, ProxyResult, compare_proxies, proxies
 from .results import CriticalityResult, summarize_trials
-from .training import TrainConfig, train
+from .training import TrainConfig, apply_weights, load_checkpoint, load_state_dict, save_checkpoint, train
+from .units import Layer, Unit, list_layers, select_units
 
 __all__ = [
     "EXECUTORS",
@@ -34,6 +35,7 @@ __all__ = [
     "LayercritError",
     "MeasureConfig",
     "MeasureSums",
+    "ModcritConfig",
     "ModelFactory",
     "OutputAdapter",
     "Perturbation",
@@ -42,6 +44,7 @@ __all__ = [
     "ProxyResult",
     "Reinit",
     "Rerandomize",
+    "RunSettings",
     "TrainConfig",
     "Unit",
     "Zero",
@@ -61,12 +64,16 @@ __all__ = [
     "load_state_dict",
     "measure",
     "proxies",
+    "rank_runs",
     "register_model",
     "resolve_factory",
+    "robustness",
+    "run_module_criticality",
     "sample_measures",
     "save_checkpoint",
     "select_units",
     "substitute",
     "summarize_trials",
     "train",
+    "weight_distances",
 ]

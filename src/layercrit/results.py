@@ -10,20 +10,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ._utils.io import atomic_path, check_output_path
 from .errors import LayercritError
-from .io import atomic_path, check_output_path
-
-__all__ = ["ADAPTIVE_COLUMNS", "INFO_COLUMNS", "UNMODIFIED", "CriticalityResult", "correlation_note", "format_number", "format_p", "format_percent", "save_table",
-           "summarize_trials"]
 
 UNMODIFIED = "(unmodified)"
+
+
 KEYS = ["model", "layer", "label", "probe"]
+
+
 ROW_COLUMNS = ["model", "layer", "label", "probe", "target", "trial", "seed", "n", "n_params"]
+
+
 VALUE_COLUMNS = ["criticality", "accuracy", "top5", "accuracy_drop", "agreement", "l1", "l2", "kl", "loss", "rel_l2",
                  "perplexity"]
+
+
 # Per row, not averaged over trials: the output adapter (layercrit.outputs), how many compared rows
 # (samples or tokens) had a non-finite output and were left out of the means, and a note saying so.
 INFO_COLUMNS = ["output", "n_nonfinite", "note"]
+
+
 # Adaptive sampling (layercrit.adaptive) only: the trials the row's unit took and the 95 % half-width
 # of its mean criticality over those trials and its `n` images.
 ADAPTIVE_COLUMNS = ["trials_used", "half_width"]
@@ -122,50 +129,22 @@ class CriticalityResult:
         return cls(table, config)
 
 
-# --- display: one scale per quantity -----------------------------------------------------------
-# Data (tables, CSV/JSON/Parquet) hold criticality and accuracy as fractions 0..1; what people read
-# (CLI tables, report, figures) shows them in %. These format numbers for reading.
-
-SMALL_N = 5  # fewer ranked models than this: a p-value says next to nothing
-
-
-def format_number(value, digits: int = 2, *, scale: float = 1.0, sign: bool = False, missing: str = "—") -> str:
-    """`value × scale` with `digits` decimals; NaN/None print as `missing` and anything that rounds
-    to zero as "0" (no "3.1e-18" or "-0.00" from floating-point noise)."""
-    if value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and math.isnan(value)):
-        return missing
-    x = float(value) * scale
-    if math.isinf(x):
-        return "∞" if x > 0 else "−∞"
-    if abs(x) < 0.5 * 10.0**-digits:
-        return "0"
-    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+def result_row(model, layer, label, probe, target, trial, seed, n, n_params, values, base, output: str = "") -> dict:
+    row = {"model": model, "layer": layer, "label": label, "probe": probe, "target": target, "trial": trial,
+           "seed": seed, "n": n, "n_params": n_params}
+    row |= {k: values[k] for k in VALUE_COLUMNS if k in values}
+    row["accuracy_drop"] = base["accuracy"] - values["accuracy"]
+    # Perplexity of the mean next-token loss (exp of the mean, not the mean of exps); a trial mean
+    # in `summary()` is then the mean of the trials' perplexities.
+    loss = values["loss"]
+    row["perplexity"] = (math.exp(loss) if loss <= 709.0 else math.inf) \
+        if output.startswith("next-token") and not math.isnan(loss) else math.nan
+    bad = values.get("n_nonfinite", 0)
+    row["output"] = output
+    row["n_nonfinite"] = bad
+    row["note"] = (f"output non-finite on {bad} of {values.get('n_rows')} compared rows; measures are means over the others"
+                   if bad else "")
+    return row
 
 
-def format_percent(fraction, digits: int = 2, **kw) -> str:
-    """A fraction 0..1 shown in % (without the sign), as `format_number`."""
-    return format_number(fraction, digits, scale=100.0, **kw)
-
-
-def format_p(p, digits: int = 3, missing: str = "—") -> str:
-    """A p-value: `digits` decimals, and "<0.001" (for 3 digits) below display precision."""
-    if p is None or p is pd.NA or (isinstance(p, (float, np.floating)) and math.isnan(p)):
-        return missing
-    floor = 10.0**-digits
-    return f"<{floor:.{digits}f}" if float(p) < floor else f"{float(p):.{digits}f}"
-
-
-def correlation_note(n: int, x=None, y=None) -> str:
-    """Why a rank correlation of `n` points is undefined (NaN) or its p-value means little; "" if neither.
-
-    `x`, `y` (optional): the values, to say when one of them is constant.
-    """
-    if n < 3:
-        return f"n = {n}: fewer than 3 values, no rank correlation"
-    if x is not None and y is not None and (np.ptp(np.asarray(x, float)) == 0 or np.ptp(np.asarray(y, float)) == 0):
-        return "constant values: no ranking, no correlation"
-    if n < SMALL_N:
-        # Both tests' exact two-sided p-values are at least 2/n! (only the two orders that match exactly);
-        # scipy's Spearman p is a large-sample approximation and can print 0 here.
-        return f"n = {n} < {SMALL_N}: too few for a test (no exact p-value can be below {2 / math.factorial(n):.2g})"
-    return ""
+CLEAN = "none"  # the `shift` of the unshifted data

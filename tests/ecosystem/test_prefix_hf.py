@@ -10,8 +10,8 @@ import torch
 import transformers
 
 import layercrit
-from conftest import assert_same_measures
-from layercrit.prefix import PrefixExecutor
+from layercrit.engine.executors.prefix import PrefixExecutor
+from layercrit.testing import assert_same_measures
 
 
 def tiny(kind: str, seed: int | None = 0) -> torch.nn.Module:

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import layercrit
-from layercrit.proxies import block_influence, sample_means
+from layercrit.analyses.proxies.similarity import block_influence, sample_means
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -153,7 +153,7 @@ def test_minilm_proxies_against_reset_criticality(tmp_path):
     _assert_no_hooks(model)
     assert len(r.config["blocks"]) == 6 and r.config["n"] == len(lines)
     c = layercrit.compare_proxies(r, bootstrap=1000, seed=0)
-    from layercrit.proxies import format_proxies, format_proxy_comparison
+    from layercrit.analyses.proxies.result import format_proxies, format_proxy_comparison
 
     print()
     print(format_proxies(r))

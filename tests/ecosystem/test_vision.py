@@ -18,12 +18,12 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from conftest import assert_no_hooks, assert_same_state, snapshot
 from layercrit import LayercritError, create_model, measure, resolve_factory
-from layercrit.cli import main
-from layercrit.layers import list_layers, select_units
-from layercrit.probes import Rerandomize
+from layercrit.cli.app import main
+from layercrit.engine.probes import Rerandomize
 from layercrit.results import VALUE_COLUMNS
+from layercrit.testing import assert_no_hooks, assert_same_state, snapshot
+from layercrit.units.layers import list_layers, select_units
 
 PUBLISHED = Path(__file__).resolve().parents[3] / "shared" / "data" / "gavrikov2024" / "results.csv.gz"
 

@@ -15,19 +15,25 @@ Specs:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+
+import torch
 
 from ..errors import LayercritError
 from .base import Dataset
 from .cifar import load_cifar10
 from .digits import load_digits
 from .imagefolder import Normalize, load_imagefolder, wrap_normalized
+from .inputs import as_inputs
 from .mnist import load_mnist
 from .npz import load_npz
 from .text import load_text
 
 __all__ = [
     "SPECS",
+    "api_inputs",
+    "as_dataset",
     "Dataset",
     "Normalize",
     "held_out_spec",
@@ -133,3 +139,28 @@ def held_out_spec(train_spec: str) -> str | None:
             return f"{name}:{path}:test" if split == "train" else None
         return f"{name}:{rest}:test"
     return None  # .npz files and image folders have no built-in split: pass test data explicitly
+
+
+def api_inputs(x: torch.Tensor | Mapping[str, torch.Tensor]):
+    """Inputs given to the API: floating tensors as float32 (as the data loaders give them), integer
+    tensors (token ids, masks) unchanged."""
+    x = as_inputs(x)
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        return t.float() if t.is_floating_point() else t
+
+    return {k: one(v) for k, v in x.items()} if isinstance(x, dict) else one(x)
+
+
+def as_dataset(data: Dataset | str | torch.Tensor | Mapping | tuple) -> Dataset:
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, str):
+        return load_data(data)
+    if isinstance(data, (torch.Tensor, Mapping)):
+        return Dataset(api_inputs(data), None, spec="tensor")
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], (torch.Tensor, Mapping)):
+        return Dataset(api_inputs(data[0]), None if data[1] is None else data[1].long(), spec="tensor")
+    raise LayercritError(
+        f"Expected data as a Dataset, a data spec, a tensor, a dict of tensors or (inputs, labels), got {type(data).__name__}"
+    )

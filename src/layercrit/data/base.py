@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import LayercritError, check_int
-from ..inputs import Inputs, num_samples, sample_shape, take
+from .inputs import Inputs, num_samples, sample_shape, take
 
 __all__ = ["Dataset", "standardize_uint8", "uint8_pixel_stats"]
 

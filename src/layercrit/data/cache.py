@@ -12,24 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from ..io import atomic_path
+from .._utils.io import CACHE_ENV_VAR, atomic_path, cache_dir
 
 __all__ = ["CACHE_VERSION", "ENV_VAR", "cache_dir", "cache_key", "load_cached", "save_cached"]
 
 CACHE_VERSION = 1  # bump when the decoding or the entry layout changes: old entries are then never read
-ENV_VAR = "LAYERCRIT_CACHE_DIR"
-
-
-def cache_dir() -> Path:
-    """`$LAYERCRIT_CACHE_DIR`, or `~/.cache/layercrit` when unset or empty."""
-    return Path(os.environ.get(ENV_VAR) or Path.home() / ".cache" / "layercrit")
+ENV_VAR = CACHE_ENV_VAR  # (cache_dir and the variable live in _utils.io: converted models are cached there too)
 
 
 def cache_key(kind: str, root: str | Path, files: Sequence[str], params: dict) -> str:

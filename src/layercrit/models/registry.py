@@ -1,5 +1,6 @@
 """Model registry and factory specs: `create_model("fcn-3x256")`, `module:callable`, `file.py:callable`,
-and the libraries' own constructors, `torchvision:NAME` and `timm:NAME`."""
+the libraries' own constructors, `torchvision:NAME` and `timm:NAME`, and pretrained Hugging Face
+models, `hf:PATH` (a local folder or a .gguf file; see `models.hf`)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from typing import Any
 
 import torch.nn as nn
 
+from .._utils.registry import Registry
 from ..errors import LayercritError
-from ..registry import Registry
 
 __all__ = ["MODELS", "ModelFactory", "create_model", "factory_for_data", "list_models", "register_model", "resolve_factory"]
 
@@ -43,12 +44,15 @@ class ModelFactory:
         fn: the constructor.
         kwargs: keyword arguments it is called with.
         builtin: whether `spec` names a registered model.
+        pretrained: builds the model with its own trained weights, where the spec names them
+            (`hf:PATH`); calling the factory still builds it untrained.
     """
 
     spec: str
     fn: Callable[..., nn.Module]
     kwargs: dict[str, Any] = field(default_factory=dict)
     builtin: bool = False
+    pretrained: Callable[[], nn.Module] | None = None
 
     def __call__(self) -> nn.Module:
         try:
@@ -140,14 +144,33 @@ def _library_factory(spec: str, kwargs: dict[str, Any]) -> ModelFactory:
     return ModelFactory(spec, fn, kwargs)
 
 
+def _hf_factory(spec: str, kwargs: dict[str, Any]) -> ModelFactory:
+    """`hf:PATH`: the untrained architecture from PATH's config; `pretrained` loads its weights."""
+    from .hf import hf_source
+
+    path = spec[len("hf:"):]
+    if not path:
+        raise LayercritError(f"model spec {spec!r} names no path; expected 'hf:PATH' (a Hugging Face model folder or a .gguf file)")
+    source = hf_source(path, **kwargs)
+
+    def build(**options: Any) -> nn.Module:
+        return hf_source(path, **options).build()
+
+    return ModelFactory(spec, build, kwargs, pretrained=source.load)
+
+
 def resolve_factory(spec: str, **kwargs: Any) -> ModelFactory:
     """Turn a model spec into a factory.
 
     Args:
         spec: a registered name (see `list_models()`), `torchvision:NAME` or `timm:NAME` (the
-            library's constructor, untrained), `package.module:callable`, or `path/to/file.py:callable`.
-        **kwargs: keyword arguments for the constructor (e.g. `num_classes`).
+            library's constructor, untrained), `hf:PATH` (a local Hugging Face folder or .gguf file:
+            the factory builds its architecture from the config, `.pretrained()` loads its weights),
+            `package.module:callable`, or `path/to/file.py:callable`.
+        **kwargs: keyword arguments for the constructor (e.g. `num_classes`; for `hf:`, `task`).
     """
+    if spec.startswith("hf:"):
+        return _hf_factory(spec, dict(kwargs))
     if spec in MODELS:
         return ModelFactory(spec, MODELS.get(spec), dict(kwargs), builtin=True)
     if spec.partition(":")[0] in _LIBRARIES:
@@ -155,7 +178,7 @@ def resolve_factory(spec: str, **kwargs: Any) -> ModelFactory:
     if ":" not in spec:
         raise LayercritError(
             f"unknown model {spec!r}; expected a built-in name ({', '.join(list_models())}), 'torchvision:NAME', "
-            "'timm:NAME', 'package.module:callable' or 'path/to/file.py:callable'"
+            "'timm:NAME', 'hf:PATH', 'package.module:callable' or 'path/to/file.py:callable'"
         )
     target, _, attr = spec.rpartition(":")
     if not target or not attr:
@@ -177,8 +200,10 @@ def resolve_factory(spec: str, **kwargs: Any) -> ModelFactory:
 
 
 def create_model(spec: str, **kwargs: Any) -> nn.Module:
-    """Build an untrained model from a registry name or a factory spec."""
-    return resolve_factory(spec, **kwargs)()
+    """Build a model from a registry name or a factory spec: untrained, except for a spec that names
+    trained weights (`hf:PATH`), which it has."""
+    factory = resolve_factory(spec, **kwargs)
+    return factory.pretrained() if factory.pretrained is not None else factory()
 
 
 def factory_for_data(spec: str, kwargs: dict[str, Any] | None, num_classes: int | None, input_shape: tuple[int, ...] | None) -> ModelFactory:
