@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ._layers import Mlp, patch_grid
 from .registry import register_model
-from .vit import Mlp, _grid
 
 __all__ = ["MixerBlock", "MlpMixer"]
 
@@ -55,7 +55,7 @@ class MlpMixer(nn.Module):
         num_classes: int = 10,
     ) -> None:
         super().__init__()
-        gh, gw = _grid(input_shape, patch_size)
+        gh, gw = patch_grid(input_shape, patch_size)
         self.stem = nn.Conv2d(int(input_shape[0]), dim, patch_size, patch_size)
         self.blocks = nn.Sequential(*(MixerBlock(gh * gw, dim, tokens_dim, channels_dim) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim, eps=1e-6)

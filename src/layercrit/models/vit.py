@@ -7,28 +7,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LayercritError
+from ._layers import Mlp, patch_grid
 from .registry import register_model
 
 __all__ = ["Attention", "Mlp", "PatchEmbed", "TransformerBlock", "VisionTransformer"]
-
-
-def _grid(input_shape: tuple[int, ...], patch_size: int) -> tuple[int, int]:
-    h, w = int(input_shape[1]), int(input_shape[2])
-    if h % patch_size or w % patch_size:
-        raise LayercritError(f"Expected the input size {h}×{w} to be divisible by `patch_size` {patch_size}")
-    return h // patch_size, w // patch_size
-
-
-class Mlp(nn.Module):
-    """Linear `fc1`, GELU, Linear `fc2` on the last dimension."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class PatchEmbed(nn.Module):
@@ -103,7 +85,7 @@ class VisionTransformer(nn.Module):
         num_classes: int = 10,
     ) -> None:
         super().__init__()
-        gh, gw = _grid(input_shape, patch_size)
+        gh, gw = patch_grid(input_shape, patch_size)
         self.patch_embed = PatchEmbed(int(input_shape[0]), dim, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, gh * gw + 1, dim))
