@@ -1,4 +1,4 @@
-"""Part of the former `cli` module."""
+"""How numbers are shown to people: fractions as %, rounding noise as 0, p-values, text tables and bars."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Part of the former `compare` module."""
+"""Rank correlations and the notes that say when one is undefined or means little (small n, constants)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Part of the former `cli` module."""
+"""Layer criticality (Gavrikov et al. 2024): the library's main verb, `measure`, its configuration,
+the shifted-data variant `measure_shifted`, and the text table the CLI prints (`format_summary`)."""
 
 from __future__ import annotations
 

@@ -1,31 +1,9 @@
 """Distribution shift: layer criticality on corrupted inputs, next to the clean inputs.
 
-The corruptions are the common corruptions of ImageNet-C (Hendrycks & Dietterich 2019), under their
-names and with their severities 1-5: `gaussian_noise`, `shot_noise`, `impulse_noise`,
-`speckle_noise`, `gaussian_blur`, `defocus_blur`, `contrast`, `brightness`, `jpeg_compression`,
-`pixelate`. Each follows the authors' code (`make_imagenet_c.py`, `make_cifar_c.py`) with its
-parameter tables: ImageNet-C's table was made for 224-px images and CIFAR-10-C's for 32-px ones, so
-`table="auto"` takes CIFAR-10-C's for images whose short side is at most 64 px (CIFAR, MNIST,
-digits) and ImageNet-C's otherwise; `NAME:SEVERITY:imagenet` or `:cifar` forces one.
-
-Implemented here rather than taken from `imagecorruptions` (the packaged ImageNet-C code): that
-package needs OpenCV, scikit-image and numba (heavy, outside the core dependencies), draws from
-numpy's global RNG (not seedable per shift without touching global state), and works on one
-H×W×3 uint8 image at a time. These ten corruptions are a few lines each in torch, numpy and Pillow:
-batched over (N, C, H, W) tensors of any size and channel count (JPEG: 1 or 3 channels), in
-floating point; only `jpeg_compression` rounds to 8 bits, as it must. Where the reference used
-scikit-image or OpenCV, the same arithmetic is written out and the tests compare it with an
-independent computation (scipy.ndimage, colorsys, Pillow).
-
-Pixels. Corruptions are defined on pixels in [0, 1], while datasets hold normalized inputs
-`x = (pixels − mean) / std`. A shift un-normalizes with `Dataset.meta["normalization"]`
-(`{"mean", "std"}`, scalars or one per channel; set by the digits, CIFAR-10, MNIST and image
-folder loaders), corrupts, clips to [0, 1] and normalizes again. Data whose normalization is
-unknown (`.npz` files, tensors) are refused unless it is stated (`normalization=` or the meta entry).
-
-Seeds. The random corruptions draw from a numpy Generator per image, seeded from (seed, name,
-severity, the image's position in the full data): an image is corrupted the same way whatever
-subset or batch it is in, and nothing touches a global RNG. `measure` uses its `data_seed`."""
+The corruptions themselves (ImageNet-C / CIFAR-10-C, seeded per image) are `data.corruptions`;
+`analyses.criticality.measure_shifted` measures on them. This module summarizes the rows per
+corruption and severity (`shift_summary`), correlates the layers' criticality on shifted and clean
+data (`shift_correlations`) and formats both as the CLI prints them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Part of the former `cli` module."""
+"""Options the commands share (pip's `cmdoptions`): model, data, text and engine arguments, and how
+they become library calls (`_load_model`, `_load_data`, `_engine_settings`)."""
 
 from __future__ import annotations
 

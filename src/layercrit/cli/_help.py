@@ -1,4 +1,4 @@
-"""Part of the former `cli` module."""
+"""Help texts built from the registries (probes, outputs, data specs), so `--help` lists what exists."""
 
 from __future__ import annotations
 

@@ -20,26 +20,18 @@ from pathlib import Path
 import torch
 
 from ..errors import LayercritError, check_int
+from ..models.hf import is_tokenizer_file
 from .base import Dataset
 
 __all__ = ["DEFAULT_SEQ_LEN", "load_text"]
 
 DEFAULT_SEQ_LEN = 128
 
-# Files that define a Hugging Face tokenizer (a model folder also holds weights, which are not hashed).
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                    "merges.txt")
-
-
-def _is_tokenizer_file(p: Path) -> bool:
-    return p.name in _TOKENIZER_FILES or p.name.startswith(("vocab", "spiece", "sentencepiece")) or p.suffix == ".model"
-
-
 def tokenizer_hash(folder: Path) -> str:
     """sha256 over the names and bytes of the tokenizer's files in `folder` (16 hex digits)."""
     h = hashlib.sha256()
     for p in sorted(folder.iterdir()):
-        if p.is_file() and _is_tokenizer_file(p):
+        if p.is_file() and is_tokenizer_file(p):
             h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 

@@ -1,4 +1,5 @@
-"""Part of the former `plots` module."""
+"""What every figure shares: the scoped matplotlib style, axes, palettes, limits in %, the heatmap
+machinery and `save_figure`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Part of the former `plots` module."""
+"""Gavrikov et al.'s figures: criticality heatmaps (Fig. 1), vs metadata (Fig. 2), vs accuracy (Fig. 3),
+differences to a baseline (Fig. 4), spread (Fig. 5), and one model's bars with confidence intervals."""
 
 from __future__ import annotations
 

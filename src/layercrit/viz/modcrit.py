@@ -1,4 +1,5 @@
-"""Part of the former `plots` module."""
+"""Chatterji et al.'s figures: module criticality curves (Fig. 4), network criticality vs ε (Fig. 5),
+and the ranking table of complexity measures (Tables 1-3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Part of the former `plots` module."""
+"""Block proxies against real criticality: scatter of proxy vs criticality, and the bump chart of ranks."""
 
 from __future__ import annotations
 

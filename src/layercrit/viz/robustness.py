@@ -1,4 +1,5 @@
-"""Part of the former `plots` module."""
+"""Zhang et al.'s figures: the re-initialization robustness heatmap (Fig. 1a; joint groups Figs. 8-10)
+and weight distances to the initialization (Fig. 1b-c)."""
 
 from __future__ import annotations
 

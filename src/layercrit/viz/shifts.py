@@ -1,4 +1,4 @@
-"""Part of the former `plots` module."""
+"""Criticality under distribution shift: one heatmap per corruption, beside the clean data."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Part of the former `proxies` module."""
+"""Block proxies beside real criticality: paired tables, rank correlations with bootstrap intervals,
+and the pruning overlap of the rankings (`compare_proxies`)."""
 
 from __future__ import annotations
 

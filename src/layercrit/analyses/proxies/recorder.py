@@ -1,4 +1,5 @@
-"""Part of the former `proxies` module."""
+"""Hooks that stream each block's input and output residual stream into float64 sums (never the
+whole activations), and the cache of block inputs that lets skip/reset probes re-run only blocks k…L."""
 
 from __future__ import annotations
 

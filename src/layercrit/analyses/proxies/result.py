@@ -1,4 +1,5 @@
-"""Part of the former `proxies` module."""
+"""The proxies' result objects (`ProxyResult`, `ProxyComparison`), their column vocabularies, and the
+text tables the CLI prints."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Part of the former `proxies` module."""
+"""The pure per-row math of the block proxies (the torchmetrics "functional" half): cosine with a
+zero-safe denominator, Block Influence, angular distance, relative L2, last positions, sample means."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Part of the former `executors` module."""
+"""The executor interface (`Executor`: prepare, start_batch, run_many, end_batch), its registry
+`EXECUTORS`, and what every executor shares: evaluation mode, compilation, memory accounting."""
 
 from __future__ import annotations
 

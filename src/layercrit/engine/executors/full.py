@@ -1,4 +1,5 @@
-"""Part of the former `engine` module."""
+"""`FullForward`: the whole model on the whole batch for every perturbation, with the parameters
+substituted in place — the reference algorithm every other executor is checked against."""
 
 from __future__ import annotations
 

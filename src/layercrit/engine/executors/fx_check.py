@@ -1,4 +1,5 @@
-"""Part of the former `executors` module."""
+"""The trace check: a torch.fx trace is used only if it reproduces the model's output on the first
+batch, beyond round-off (decided in float64 where float32 differences exceed it)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Part of the former `executors` module."""
+"""The torch.fx side of the incremental executor: tracing (evaluation-mode identities removed, in-place
+ops made safe), BatchNorm folding, and the plan of regions (downstream parts) and kept values."""
 
 from __future__ import annotations
 
