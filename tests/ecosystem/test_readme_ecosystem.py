@@ -1,5 +1,6 @@
-"""The README blocks marked `<!-- readme-test: ecosystem -->` (they need torchvision, timm or
-transformers), run in README order in one scratch folder, as tests/test_readme.py runs the others.
+"""The blocks of README.md and docs/*.md marked `<!-- readme-test: ecosystem -->` (they need
+torchvision, timm or transformers), run page by page as tests/test_docs.py runs the others: each page
+in a scratch folder and namespace of its own, its blocks in page order, `needs` artifacts built once.
 
 Runs in .venv-eco; the libraries' absence there is a failure, not a skip (CI runs this file).
 """
@@ -12,21 +13,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_readme import Block, make_stand_ins, run_block, scratch_env, selected  # noqa: E402
+from test_docs import Artifacts, Block, Pages, run_page_block, selected  # noqa: E402
+
+# The session fixtures docs_pages and docs_artifacts come from tests/conftest.py.
 
 BLOCKS = selected(ecosystem=True)
-
-
-@pytest.fixture(scope="module")
-def scratch(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("readme-eco")
-    make_stand_ins(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def namespace() -> dict:
-    return {"__name__": "__readme__"}
 
 
 def test_ecosystem_libraries_are_installed() -> None:
@@ -35,11 +26,9 @@ def test_ecosystem_libraries_are_installed() -> None:
     import transformers  # noqa: F401
 
 
-@pytest.mark.parametrize("block", BLOCKS or [pytest.param(None, id="no-ecosystem-blocks")])
-def test_readme_ecosystem_block(block: Block | None, scratch: Path, namespace: dict, monkeypatch) -> None:
+@pytest.mark.parametrize(("page", "block"), BLOCKS or [pytest.param(None, None, id="no-ecosystem-blocks")])
+def test_readme_ecosystem_block(page: str | None, block: Block | None, docs_pages: Pages,
+                                docs_artifacts: Artifacts, monkeypatch) -> None:
     if block is None:
-        return  # the README has no ecosystem block today; the parametrization stays valid
-    for key, value in scratch_env(scratch).items():
-        if key != "PATH":
-            monkeypatch.setenv(key, value)
-    run_block(block, scratch, namespace)
+        return  # no page has an ecosystem block today; the parametrization stays valid
+    run_page_block(page, block, docs_pages, docs_artifacts, monkeypatch)
