@@ -148,6 +148,8 @@ INPUTS = {
     "ranking": lambda: ((ranking(),), {}),
     "proxy-scatter": lambda: ((proxy_result(),), {}),
     "proxy-bump": lambda: ((proxy_result(),), {}),
+    "pruning-curve": lambda: ((pd.DataFrame({"model": "m", "ranking": ["bi", "bi", "skip", "skip"], "k": [0, 1, 0, 1],
+                                             "perplexity": [10.0, 12.0, 10.0, 11.0]}),), {}),
     "shift": lambda: ((shifted_results(),), {}),
 }
 
@@ -178,7 +180,7 @@ def ticks(labels) -> list[str]:
 
 def test_registry_lists_every_kind():
     kinds = ["heatmap", "bars", "difference", "spread", "vs-metadata", "vs-accuracy", "robustness", "distances",
-             "modcrit-curves", "network-vs-epsilon", "ranking", "proxy-scatter", "proxy-bump", "shift"]
+             "modcrit-curves", "network-vs-epsilon", "ranking", "proxy-scatter", "proxy-bump", "pruning-curve", "shift"]
     assert list(PLOTS) == kinds == list(INPUTS)
     assert list(list_plots()) == kinds and all(list_plots().values())
 

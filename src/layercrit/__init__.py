@@ -10,6 +10,7 @@ from .analyses.criticality import MeasureConfig, measure
 from .analyses.generalization import rank_runs
 from .analyses.modcrit import ModcritConfig, run_module_criticality
 from .analyses.proxies import ProxyComparison, ProxyResult, compare_proxies, proxies
+from .analyses.pruning import PruningCurve, pruning_curve
 from .analyses.robustness import robustness, weight_distances
 from .data import Dataset, load_data
 from .engine import EXECUTORS, Engine, Executor, FullForward, Perturbation, RunSettings
@@ -42,6 +43,7 @@ __all__ = [
     "Probe",
     "ProxyComparison",
     "ProxyResult",
+    "PruningCurve",
     "Reinit",
     "Rerandomize",
     "RunSettings",
@@ -64,6 +66,7 @@ __all__ = [
     "load_state_dict",
     "measure",
     "proxies",
+    "pruning_curve",
     "rank_runs",
     "register_model",
     "resolve_factory",

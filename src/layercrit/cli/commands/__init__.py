@@ -23,6 +23,7 @@ COMMANDS = [
     "report",
     "proxies",
     "compare_proxies",
+    "pruning_curve",
     "prune",
     "demo",
 ]
