@@ -119,6 +119,8 @@ def _check_path(path: Path) -> None:
             raise LayercritError(f"{str(path)!r} is not a GGUF file (it does not start with the GGUF magic bytes)")
         if importlib.util.find_spec("gguf") is None:
             raise LayercritError(f"loading {path.name} needs the gguf package: pip install gguf")
+        if importlib.util.find_spec("accelerate") is None:  # transformers refuses GGUF files without it
+            raise LayercritError(f"loading {path.name} needs the accelerate package: pip install accelerate")
         _transformers()
         return
     if not (path / "config.json").is_file():
