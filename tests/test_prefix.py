@@ -49,3 +49,60 @@ def test_prefix_refused_with_the_reason():
         PrefixExecutor(layercrit.create_model("fcn-3x64"))
     with pytest.raises(LayercritError, match="runs the model eagerly"):
         PrefixExecutor(layercrit.create_model("vit-tiny"), compile=True)
+
+
+class _DenseSkip(torch.nn.Module):
+    """Four blocks whose head also reads the first block's output: not a plain chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()) for _ in range(4))
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = first = self.blocks[0](x)
+        for block in self.blocks[1:]:
+            h = block(h)
+        return self.head(h + first)
+
+
+def test_blocks_read_elsewhere_are_refused_and_auto_falls_back():
+    """Checked on the first batch from the last kept boundary, where the most blocks answer with a
+    kept output: the head's read of the first block's output shows."""
+    from layercrit.engine import Engine, Perturbation
+
+    model, x = _DenseSkip(), torch.randn(6, 8)
+    values = [{f"blocks.{k}.0.weight": torch.zeros(8, 8)} for k in range(4)]
+    ex = PrefixExecutor(model)
+    ex.prepare(values)
+    with pytest.raises(LayercritError, match="not a plain chain"):
+        ex.start_batch(x)
+    probes = [Perturbation(k, v) for k, v in enumerate(values)]
+    fallback = PrefixExecutor(model, fallback=True)
+    base, got = Engine(model, x, executor=fallback).evaluate(probes)
+    assert "not a plain chain" in fallback.fallback_reason
+    _, want = Engine(model, x, executor="full").evaluate(probes)
+    assert got == want
+    assert_no_hooks(model)
+
+
+def test_probed_outputs_are_asked_for_one_at_a_time_on_the_cpu(monkeypatch):
+    """Without concatenated trials `run_many` gains nothing: the engine asks for one probed output at
+    a time and holds one (a language model's logits are large), with the full forward's numbers over
+    several batches, the last one smaller."""
+    from layercrit.engine import Engine, Perturbation
+
+    model = layercrit.create_model("vit-tiny", input_shape=(3, 16, 16)).eval()
+    x, _ = _data()
+    probes = [Perturbation(name, {name: torch.zeros_like(p)}) for name, p in model.named_parameters()
+              if name.startswith("blocks.") and name.endswith("fc1.weight")]
+    assert len(probes) > 1
+    ex = PrefixExecutor(model)
+    monkeypatch.setattr(ex, "run_many", lambda values: pytest.fail("asked for several outputs at once"))
+    _, got = Engine(model, x, executor=ex, batch_size=4).evaluate(probes)
+    assert not ex.batches_outputs
+    _, want = Engine(model, x, executor="full", batch_size=4).evaluate(probes)
+    for key in want:
+        for m, v in want[key].items():
+            assert got[key][m] == pytest.approx(v, rel=1e-6, abs=1e-12, nan_ok=True), (key, m)

@@ -285,13 +285,23 @@ class PrefixExecutor(Executor):
             self._validate()
         return out
 
+    @property
+    def batches_outputs(self) -> bool:
+        """Whether `run_many` computes several outputs together (concatenated trials): otherwise the
+        engine asks for one output at a time, and holds one."""
+        return self._full is None and self.concat_used is not False
+
     def _validate(self) -> None:
-        """Starting from a kept boundary must reproduce the model's output (a plain chain of blocks)."""
+        """Starting from a kept boundary must reproduce the model's output (a plain chain of blocks).
+
+        The last kept boundary: the check costs the fewest blocks there, and the most blocks answer
+        with a kept output, so a block output read elsewhere than by the next block is the likeliest
+        to show."""
         self._validated = True
         kept = self._batch["kept"]
         if not kept:
             return
-        b = sorted(kept)[len(kept) // 2]
+        b = max(kept)
         with self._patched(b, kept[b]):
             again = call_model(self.model, self._batch["x"])
         ok, diff = _equal_outputs(again, self._batch["out"])
