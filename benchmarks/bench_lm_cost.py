@@ -276,23 +276,6 @@ def profile(kind: str, layers: int, vocab: int, windows: int, batch_size: int, e
 
 # -- precision of the float32 measures on real outputs ---------------------------------------------
 
-def exact(zp: torch.Tensor, zq: torch.Tensor) -> dict:
-    """criticality, kl, l1, l2 per row in float64 without cancellation (as tests/test_measures_precision.py)."""
-    zp, zq = zp.double(), zq.double()
-    lp, lq = torch.log_softmax(zp, 1), torch.log_softmax(zq, 1)
-    p, y = lp.exp(), lq - lp
-    d = p * torch.expm1(y)
-    q = p + d
-    phat = p / p.norm(dim=1, keepdim=True)
-    along = (q * phat).sum(1)
-    perp = d - (d * phat).sum(1, keepdim=True) * phat
-    ee = (perp * perp).sum(1)
-    nq = (along * along + ee).sqrt()
-    series = y * y * (0.5 + y * (1 / 6 + y * (1 / 24 + y * (1 / 120 + y / 720))))
-    g = torch.where(y.abs() < 1e-2, series, torch.expm1(y) - y)
-    return {"criticality": ee / (nq * (nq + along)), "kl": (p * g).sum(1), "l1": d.abs().sum(1), "l2": d.norm(dim=1)}
-
-
 def outputs(model, ids: torch.Tensor) -> dict:
     """Logits of the unmodified model and of probes from far to nearly identical: a re-randomized
     first, middle and last block, and small steps a·(draw − θ) towards the same draws."""
@@ -316,28 +299,32 @@ def outputs(model, ids: torch.Tensor) -> dict:
 
 def precision(smollm: str | None) -> str:
     """Per-row and mean relative error of layercrit's float32 measures and of the float64 formula
-    against `exact`, on the outputs of random GPT-2/Llama configs (vocabulary 32,000) and SmolLM2."""
+    against `layercrit.testing.exact_measures`, on the outputs of random GPT-2/Llama configs (vocabulary 32,000) and SmolLM2."""
     from layercrit.engine import measures as M
+    from layercrit.testing import exact_measures
 
-    models = [("GPT-2, 8 blocks, V 32,000", build("gpt2", 8, 32000)), ("Llama, 8 blocks, V 32,000", build("llama", 8, 32000))]
+    models = [("GPT-2, 8 blocks, V 32,000", build("gpt2", 8, 32000), None),
+              ("Llama, 8 blocks, V 32,000", build("llama", 8, 32000), None)]
     if smollm:
         sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
         import bench_smollm
 
         model, tok = bench_smollm.load(smollm)
-        ids = bench_smollm.windows(tok, 4, 64)[0]["input_ids"]
-        models.append((f"SmolLM2-135M, real text, V {model.config.vocab_size:,}", model.eval()))
+        v = model.config.vocab_size
+        models.append((f"SmolLM2-135M, real text, V {v:,}", model.eval(), bench_smollm.windows(tok, 4, 64)[0]["input_ids"]))
+        # random token ids: a flat p that a probe can make far more confident (q_t ≫ p_t at p's argmax t)
+        models.append((f"SmolLM2-135M, random tokens, V {v:,}", model, data(4, v)["input_ids"]))
     lines = ["| model | probe | median criticality | criticality: float32 max / mean | float64 formula max / mean "
              "| KL: float32 max / mean | float64 formula max / mean | l1 float32 max | l2 float32 max | rows again in float64 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     worst: dict = {}
-    for name, model in models:
-        if not name.startswith("SmolLM2"):
+    for name, model, ids in models:
+        if ids is None:
             ids = data(4, model.config.vocab_size)["input_ids"]
         out = outputs(model, ids)
         zp = out.pop("p")
         for probe, zq in out.items():
-            want = exact(zp, zq)
+            want = exact_measures(zp, zq)
             ref = M.Reference(zp, None, ("criticality", "kl", "l1", "l2"))
             got = ref.compare(zq)
             old = M._exact_chunk(zp.double(), zq.double(), None, {"criticality", "kl", "l1", "l2"}, True)

@@ -2,9 +2,10 @@
 
 `measures.Reference` compares rows at least `FLOAT32_MIN_WIDTH` wide in float32 with a
 cancellation-free formulation (see the module docstring of `layercrit.engine.measures`). The
-reference here is written independently, in float64, from the same logits (upcast exactly):
-1 − cos as ‖q⊥‖²/(‖q‖(‖q‖ + ⟨q, p̂⟩)) with q⊥ = q − ⟨q, p̂⟩p̂ from q − p = p·expm1(log q − log p),
-KL as Σ p·(e^y − 1 − y) with the Taylor series where |y| is small. Where float64's own usual
+reference (`layercrit.testing.exact_measures`) is written independently, in float64, from the same
+logits (upcast exactly): log q − log p from the logits' differences, 1 − cos as
+‖q⊥‖²/(‖q‖(‖q‖ + ⟨q, p̂⟩)) with q⊥ = q − ⟨q, p̂⟩p̂ from q − p = p·expm1(log q − log p), KL as
+Σ p·(e^y − 1 − y) with the Taylor series where |y| is small. Where float64's own usual
 formula (1 − ⟨p, q⟩/(‖p‖‖q‖), Σ p log p − Σ p log q) is the less precise one — nearly identical p
 and q — the tests say so.
 """
@@ -13,31 +14,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import layercrit.engine.measures as M
 from layercrit.engine.measures import FLOAT32_MIN_WIDTH, Reference, sample_measures
+from layercrit.testing import exact_measures as exact
 
 V = 4096
 TOLERANCE = 1e-6  # relative, per row
-
-
-def exact(zp: torch.Tensor, zq: torch.Tensor) -> dict[str, torch.Tensor]:
-    """criticality, kl, l1, l2 per row in float64, without cancellation."""
-    zp, zq = zp.double(), zq.double()
-    lp, lq = torch.log_softmax(zp, 1), torch.log_softmax(zq, 1)
-    p = lp.exp()
-    y = lq - lp
-    d = p * torch.expm1(y)  # q − p
-    q = p + d
-    phat = p / p.norm(dim=1, keepdim=True)
-    along = (q * phat).sum(1)
-    perp = d - (d * phat).sum(1, keepdim=True) * phat  # (q − p)⊥p = q⊥
-    ee = (perp * perp).sum(1)
-    nq = (along * along + ee).sqrt()
-    series = y * y * (0.5 + y * (1 / 6 + y * (1 / 24 + y * (1 / 120 + y / 720))))
-    g = torch.where(y.abs() < 1e-2, series, torch.expm1(y) - y)
-    return {"criticality": ee / (nq * (nq + along)), "kl": (p * g).sum(1), "l1": d.abs().sum(1),
-            "l2": d.norm(dim=1)}
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -99,6 +83,25 @@ def test_nearly_orthogonal_rows_keep_their_precision():
     assert float(want["criticality"].median()) > 0.9
     for k, v in want.items():
         assert float(relative(got[k], v).max()) < TOLERANCE, k
+
+
+def test_q_far_more_confident_than_p_in_ps_top_token_keeps_its_precision():
+    """A flat p (logits around 25, as a real model's on unfamiliar text) and a q whose probability at
+    p's argmax t is 2 to 10^4 times p's: Σ p·expm1(x) = p_t/q_t − 1 then cancels, and q's normalizer
+    comes from Σ p·e^x. The loss (log-normalizer of q minus the label's logit) too, to 1e-6 nats where
+    it is below 1 (a log: its absolute error is what a perplexity sees)."""
+    g = torch.Generator().manual_seed(9)
+    zp = 25.0 + 0.5 * torch.randn(48, V, generator=g)
+    zq = zp + 0.5 * torch.randn(48, V, generator=g)
+    t = zp.argmax(1)
+    zq[torch.arange(48), t] += torch.linspace(1.0, 18.0, 48)  # q_t / p_t from ~2 to ~10^4
+    labels = torch.randint(0, V, (48,), generator=g)
+    got = sample_measures(zp, zq, labels, which=("criticality", "kl", "l1", "l2", "loss"))
+    want = exact(zp, zq)
+    for k, v in want.items():
+        assert float(relative(got[k], v).max()) < TOLERANCE, k
+    loss = F.cross_entropy(zq.double(), labels, reduction="none")
+    assert float(((got["loss"] - loss).abs() / loss.clamp_min(1.0)).max()) < TOLERANCE
 
 
 def test_identical_rows_measure_exactly_zero():

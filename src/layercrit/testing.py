@@ -15,6 +15,7 @@ __all__ = [
     "assert_no_hooks",
     "assert_same_measures",
     "assert_same_state",
+    "exact_measures",
     "snapshot",
 ]
 
@@ -162,3 +163,33 @@ def assert_same_measures(got, expected, measures=MEASURES, atol=1e-5, keys=("lay
         if m in a and a[m].notna().any():
             torch.testing.assert_close(torch.tensor(a[m].to_numpy(float)), torch.tensor(b[m].to_numpy(float)),
                                        rtol=0, atol=atol, equal_nan=True, msg=lambda msg, m=m: f"{m}: {msg}")
+
+
+def exact_measures(p_logits: torch.Tensor, q_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """criticality, kl, l1 and l2 of softmax rows in float64 without cancellation: the reference the
+    float32 measures are held to (tests/test_measures_precision.py, benchmarks/bench_lm_cost.py).
+
+    y = log q − log p from the logits' differences, y = x − log Σ p·e^x with x = (z_q − z_p) − (z_q −
+    z_p)_t at p's argmax t (log q − log p as a difference of two log-softmax values keeps only
+    1e-16·|log-normalizer| of y: for nearly identical peaked rows, a relative error of 1e-6 in y_t);
+    q − p = p·expm1(y); 1 − cos as ‖q⊥‖²/(‖q‖(‖q‖ + ⟨q, p̂⟩)), q⊥ = (q − p)⊥p; KL = Σ p·(e^y − 1 − y)
+    with the series where |y| is small.
+    """
+    zp, zq = p_logits.detach().flatten(1).double(), q_logits.detach().flatten(1).double()
+    lp = torch.log_softmax(zp, 1)
+    p = lp.exp()
+    dz = zq - zp  # exact for float32 logits
+    x = dz - dz.gather(1, zp.argmax(1, keepdim=True))
+    total = (p * torch.expm1(x)).sum(1)  # Σ p·e^x − 1: from its own terms where that is near 0
+    shift = torch.where(total > -0.5, torch.log1p(total), torch.log((p * torch.exp(x)).sum(1)))
+    y = x - shift[:, None]
+    d = p * torch.expm1(y)  # q − p
+    q = p + d
+    phat = p / p.norm(dim=1, keepdim=True)
+    along = (q * phat).sum(1)
+    perp = d - (d * phat).sum(1, keepdim=True) * phat
+    ee = (perp * perp).sum(1)
+    nq = (along * along + ee).sqrt()
+    series = y * y * (0.5 + y * (1 / 6 + y * (1 / 24 + y * (1 / 120 + y / 720))))
+    g = torch.where(y.abs() < 1e-2, series, torch.expm1(y) - y)
+    return {"criticality": ee / (nq * (nq + along)), "kl": (p * g).sum(1), "l1": d.abs().sum(1), "l2": d.norm(dim=1)}

@@ -15,6 +15,8 @@ How rows are compared (`Reference`, which the engine builds once per batch and a
   - x = (z_q − z_p) − (z_q − z_p)_t, the logits subtracted first (exact where they agree within a
     factor 2); L = log Σ p·e^x = log1p(Σ p·expm1(x)); y = x − L = log q − log p; and
     d = q − p = p·expm1(y), never a difference of two rounded probabilities. l1 = Σ|d|, l2 = ‖d‖.
+    Where q is far more confident than p in p's argmax (Σ p·expm1(x) = p_t/q_t − 1 < −½, e.g. a
+    flat p on unfamiliar text), that sum cancels: L from Σ p·e^x and expm1(y) directly there.
   - 1 − cos(p, q) = ‖q⊥‖²/(‖q‖(‖q‖ + ⟨q, p̂⟩)), q⊥ = d − (⟨d, p⟩/‖p‖²)·p: its entry t (which a
     peaked p makes the largest, and cancelling) is (d_t·Σ'p² − p_t·Σ'd·p)/‖p‖² with Σ' over the
     other entries; the others come from the expanded sums where those keep half their size, else
@@ -22,10 +24,12 @@ How rows are compared (`Reference`, which the engine builds once per batch and a
   - KL(p‖q) = Σ p·(e^y − 1 − y), each term ≥ 0: d·y·(½ − y/12 + y³/720) where |y| ≤ ¼ (there
     expm1(y) − y would cancel), p·(expm1(y) − y) elsewhere.
   - p is exp of log p rounded to float32, so Σp = 1 ± 1e-7: that common factor of the row is divided out.
-  Measured against an exact float64 evaluation on real language-model outputs (SmolLM2-135M, random
-  GPT-2 and Llama configs; benchmarks/results/lm_cost.md): ≤ 1e-6 relative on every row and ≤ 6e-8
-  on the means, also where p and q differ by 1e-13 — where the float64 formulation below keeps no
-  digit of the criticality and of KL.
+  Measured against an exact float64 evaluation (`layercrit.testing.exact_measures`) on real
+  language-model outputs (SmolLM2-135M on real text and on random tokens, random GPT-2 and Llama
+  configs; benchmarks/results/lm_cost.md): ≤ 9.1e-7 relative on every row and ≤ 1.3e-8 on the means,
+  also where p and q differ by 1e-13 — where the float64 formulation below keeps no digit of the
+  criticality and of KL. The loss (a log): within 1e-6 nats where it is below 1, relative above
+  (tests/test_measures_precision.py).
 - Rows where float32 cannot hold that are measured again by the float64 formulation below, so that
   each value is what float64 gives: −inf or non-finite logits, a probability ratio q/p beyond e^64
   (p near float32's subnormals), ties at the maximum or at the label's score (argmax and topk
@@ -77,6 +81,7 @@ _MAX_LOG_RATIO = 64.0  # float32: a row with log(q/p) above this somewhere is me
 _CANCELLATION = 1e-2  # float32: a criticality whose terms cancel by more than 1/this is measured in float64
 _EXPANDED = 0.5  # float32: ‖(q − p)⊥p‖² from expanded sums only where they keep more than this share
 _SERIES = 0.25  # float32: KL's terms e^y − 1 − y by a series where |y| ≤ this
+_FAR = -0.5  # float32: where Σ p·expm1(x) = p_t/q_t − 1 is below this, q's normalizer from Σ p·e^x instead
 _LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -442,14 +447,30 @@ def _measure_chunk(zp: torch.Tensor, zq: torch.Tensor, lse: torch.Tensor, mass: 
         out["xmax"] = x.amax(1)
     u = torch.expm1(x, out=b_u)
     # p is exp(log p rounded to float32): Σp = `mass` = 1 ± 1e-7, which every sum of p is divided by.
-    t = torch.mul(p, u, out=b_1).sum(1).div_(mass)  # Σ p·expm1(x)
+    t = torch.mul(p, u, out=b_1).sum(1).div_(mass)  # Σ p·expm1(x) = p_t/q_t − 1
     L = torch.log1p(t)  # log Σ p·e^x: y = x − L = log q − log p
+    # Where q is far more confident than p in p's argmax t, 1 + t = p_t/q_t is small and the sum above
+    # cancels (1 + t loses log2(q_t/p_t) bits, and e^−L with it): there L = log Σ p·e^x from positive
+    # terms, and expm1(y) directly (on the CPU only for the chunks that need it).
+    cpu = zq.device.type == "cpu"
+    far = t < _FAR
+    far_rows = far.nonzero().squeeze(1) if cpu and bool(far.any()) else None
+    if far_rows is not None:  # those rows only
+        L = L.clone()
+        L[far_rows] = torch.exp(x[far_rows]).mul_(p[far_rows]).sum(1).div_(mass[far_rows]).log_()
+    elif not cpu:
+        total = torch.exp(x, out=b_1).mul_(p).sum(1).div_(mass)
+        L = torch.where(far, total.log(), L)
     out["L"], out["s"] = L, s[:, 0]
     if not pair:
         return out
     y = x.sub_(L[:, None])
     a = torch.reciprocal(t + 1)  # e^−L; e^−L − 1 = −t·e^−L, without cancellation
     w = u.mul_(a[:, None]).add_((-t * a)[:, None])  # expm1(y) = q/p − 1
+    if far_rows is not None:
+        w[far_rows] = torch.expm1(y[far_rows])
+    elif not cpu:
+        w = torch.where(far[:, None], torch.expm1(y), w)
     d = torch.mul(p, w, out=b_d)  # q − p
     if "kl" in want:
         out["kl"] = _kl_sum(p, y, w, d, b_1, b_2, b_3)
