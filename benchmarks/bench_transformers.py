@@ -114,12 +114,11 @@ def main() -> None:
               f"executor {r['executor']}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB "
               f"({r['rss_before_mb']:.0f} MB before measuring)")
         print(f"        criticality: {r['criticality']}")
-    # What a single float64 (tokens x vocabulary) distribution of one batch would take unchunked:
-    from layercrit.engine.measures import CHUNK_BYTES
+    # How large one batch of logits is, and how the measures walk through it:
+    from layercrit.engine.measures import CACHE_ELEMENTS
 
-    print(f"for scale: one float64 distribution of a (32 x {args.seq_len}) x 30522 batch is "
-          f"{32 * args.seq_len * 30522 * 8 / 2**20:.0f} MB (the measures hold several); a measure chunk is at most "
-          f"{CHUNK_BYTES / 2**20:.0f} MB")
+    print(f"for scale: the logits of a (32 x {args.seq_len}) x 30522 batch are {32 * args.seq_len * 30522 * 4 / 2**20:.0f} MB "
+          f"in float32; the measures compare them {max(1, CACHE_ELEMENTS // 30522)} rows at a time")
 
 
 if __name__ == "__main__":
