@@ -118,7 +118,7 @@ def main() -> None:
     from layercrit.engine.measures import CACHE_ELEMENTS
 
     print(f"for scale: the logits of a (32 x {args.seq_len}) x 30522 batch are {32 * args.seq_len * 30522 * 4 / 2**20:.0f} MB "
-          f"in float32; the measures compare them {max(1, CACHE_ELEMENTS // 30522)} rows at a time")
+          f"in float32; the measures compare them in cache-sized chunks ({CACHE_ELEMENTS:,} elements a temporary)")
 
 
 if __name__ == "__main__":

@@ -456,7 +456,6 @@ def _measure_chunk(zp: torch.Tensor, zq: torch.Tensor, lse: torch.Tensor, mass: 
     far = t < _FAR
     far_rows = far.nonzero().squeeze(1) if cpu and bool(far.any()) else None
     if far_rows is not None:  # those rows only
-        L = L.clone()
         L[far_rows] = torch.exp(x[far_rows]).mul_(p[far_rows]).sum(1).div_(mass[far_rows]).log_()
     elif not cpu:
         total = torch.exp(x, out=b_1).mul_(p).sum(1).div_(mass)
