@@ -189,6 +189,38 @@ def test_results_do_not_depend_on_chunks_or_on_keeping_p(monkeypatch):
         assert torch.equal(base[k], one[k]), k
         assert torch.equal(base[k], direct[k]), k
         torch.testing.assert_close(recomputed[k], base[k], rtol=1e-6, atol=0, msg=k)
+    # all rows but one (a sequence's last position): every row is compared in place, the selected returned
+    most = torch.tensor([r for r in range(24) if r != 11])
+    ref = Reference(zp, labels[most], rows=most)
+    assert ref.select is not None and ref.n == 23
+    in_place, direct = ref.compare(zq), sample_measures(zp[most], zq[most], labels[most])
+    assert in_place.keys() == direct.keys()
+    for k in in_place:
+        assert torch.equal(in_place[k], direct[k]), k
+    base = ref.unmodified()
+    assert len(base["criticality"]) == 23 and len(base["loss"]) == 23
+
+
+def test_the_careful_way_everywhere_as_off_the_cpu_holds_the_same_precision(monkeypatch):
+    """Off the CPU every chunk takes the careful way (no rows chosen, no synchronization): the same
+    precision on nearly identical rows, on q far more confident than p at p's argmax, on nearly
+    orthogonal rows, and the same label measures."""
+    monkeypatch.setattr(Reference, "careful_everywhere", lambda self: True)
+    g = torch.Generator().manual_seed(20)
+    zp = lm_logits(32, 2.0, 21)
+    flat = 25.0 + 0.5 * torch.randn(16, V, generator=g)
+    confident = flat + 0.5 * torch.randn(16, V, generator=g)
+    confident[torch.arange(16), flat.argmax(1)] += torch.linspace(1.0, 18.0, 16)
+    cases = [(zp, zp + 1e-5 * torch.randn(32, V, generator=g)), (zp, zp + 0.5 * torch.randn(32, V, generator=g)),
+             (flat, confident), (zp, torch.roll(zp, 1, dims=1) + 3.0 * torch.randn(32, V, generator=g))]
+    for zp, zq in cases:
+        labels = torch.randint(0, V, (len(zp),), generator=g)
+        got = sample_measures(zp, zq, labels)
+        for k, v in exact(zp, zq).items():
+            assert float(relative(got[k], v).max()) < TOLERANCE, k
+        want = M._exact_chunk(zp.double(), zq.double(), labels, set(M.MEASURES), True)
+        for k in ("agreement", "accuracy", "top5"):
+            assert torch.equal(got[k], want[k]), k
 
 
 def test_one_reference_serves_every_probe_of_a_batch():

@@ -19,8 +19,9 @@ How rows are compared (`Reference`, which the engine builds once per batch and a
     flat p on unfamiliar text), that sum cancels: L from Σ p·e^x and expm1(y) directly there.
   - 1 − cos(p, q) = ‖q⊥‖²/(‖q‖(‖q‖ + ⟨q, p̂⟩)), q⊥ = d − (⟨d, p⟩/‖p‖²)·p: its entry t (which a
     peaked p makes the largest, and cancelling) is (d_t·Σ'p² − p_t·Σ'd·p)/‖p‖² with Σ' over the
-    other entries; the others come from the expanded sums where those keep half their size, else
-    elementwise. ⟨q, p̂⟩ from ‖p‖² + ⟨d, p⟩, or from Σ p²·e^y where q is nearly ⊥ p.
+    other entries; the others elementwise, e = d − (⟨d, p⟩/‖p‖²)·p (the expanded sums Σ'd² −
+    2κ·Σ'd·p + κ²·Σ'p² lose up to 2e-7 more on peaked real rows, taking some past 1e-6). ⟨q, p̂⟩
+    from ‖p‖² + ⟨d, p⟩, or from Σ p²·e^y where q is nearly ⊥ p.
   - KL(p‖q) = Σ p·(e^y − 1 − y), each term ≥ 0: d·y·(½ − y/12 + y³/720) where |y| ≤ ¼ (there
     expm1(y) − y would cancel), p·(expm1(y) − y) elsewhere.
   - p is exp of log p rounded to float32, so Σp = 1 ± 1e-7: that common factor of the row is divided out.
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -76,11 +78,11 @@ CHUNK_BYTES = 256 << 20  # float64 working memory of one chunk of rows
 _TEMPORARIES = 8  # (rows, C) float64 tensors alive at once while a chunk is measured
 
 FLOAT32_MIN_WIDTH = 256  # softmax rows at least this wide are compared in float32 (see the module docstring)
-CACHE_ELEMENTS = 1 << 17  # float32 elements of one temporary of a CPU chunk (512 KiB: a chunk stays in cache)
+CACHE_ELEMENTS = 1 << 16  # float32 elements of one temporary of a CPU chunk (256 KiB: a chunk stays in cache)
 _MAX_LOG_RATIO = 64.0  # float32: a row with log(q/p) above this somewhere is measured in float64
 _CANCELLATION = 1e-2  # float32: a criticality whose terms cancel by more than 1/this is measured in float64
-_EXPANDED = 0.5  # float32: ‖(q − p)⊥p‖² from expanded sums only where they keep more than this share
 _SERIES = 0.25  # float32: KL's terms e^y − 1 − y by a series where |y| ≤ this
+_DENSE = 1 / 16  # float32: rows leaving out at most this share of the rows are compared all in place
 _FAR = -0.5  # float32: where Σ p·expm1(x) = p_t/q_t − 1 is below this, q's normalizer from Σ p·e^x instead
 _LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -131,6 +133,24 @@ def _wanted(which: Collection[str] | None, labels: torch.Tensor | None, softmax:
     return want
 
 
+class _Rows(NamedTuple):
+    """Per-row values of the unmodified side that `_measure_chunk` reads, for a chunk of rows."""
+
+    lse: torch.Tensor  # (rows, 1) float32 log-normalizer of p
+    mass: torch.Tensor  # Σp as float32 computes it
+    norm2: torch.Tensor  # ‖p‖²
+    top: torch.Tensor  # p at its argmax t
+    jstar: torch.Tensor  # (rows, 1) argmax t
+    zero: torch.Tensor  # (rows, 1) zeros (what `scatter_` writes at t)
+    labels: torch.Tensor | None  # (rows, 1) labels clamped to ≥ 0
+    probs: torch.Tensor | None  # p itself, if kept for the batch
+    zp: torch.Tensor | None  # the unmodified logits of these rows, if kept apart from the caller's (selected rows)
+
+    def part(self, index: slice | torch.Tensor) -> _Rows:
+        """These values of the rows `index` (a slice: views)."""
+        return _Rows(*(None if v is None else v[index] for v in self))
+
+
 class Reference:
     """The unmodified outputs of one batch, prepared once to be compared with every probe's.
 
@@ -141,6 +161,7 @@ class Reference:
     Attributes:
         float32: whether rows are compared by the float32 formulation (softmax rows at least
             `FLOAT32_MIN_WIDTH` wide, in float32 or a narrower float type).
+        n: rows compared (the selected ones).
         redone: rows measured again in float64 so far (see the module docstring), over all `compare` calls.
     """
 
@@ -160,15 +181,25 @@ class Reference:
         self.want = _wanted(which, labels, softmax)
         self.chunk_bytes = chunk_bytes
         n_all, width = self.p.shape
+        self.float32 = softmax and width >= FLOAT32_MIN_WIDTH and self.p.dtype in _LOW_PRECISION
+        labels = None if labels is None or not (self.want & set(LABEL_MEASURES)) else labels.to(self.device).long()
+        self.select = None  # with `rows` that leave out few rows (a sequence's last position): all rows are
+        # compared in place (slices, no copies), and the selected ones returned
         if rows is not None:
             rows = rows.to(self.device)
             if len(rows) == n_all and torch.equal(rows, torch.arange(n_all, device=self.device)):
                 rows = None  # every row in order: slices, not copies
+            elif self.float32 and n_all - len(rows) <= n_all * _DENSE and bool((rows[1:] > rows[:-1]).all()):
+                self.select = rows
+                if labels is not None:  # rows left out are unlabelled: no label measure counts them
+                    every = torch.full((n_all,), -100, dtype=torch.long, device=self.device)
+                    labels = every.index_copy_(0, rows, labels)
+                rows = None
         self.rows = rows
-        self.n = n_all if rows is None else len(rows)
-        self.labels = None if labels is None or not (self.want & set(LABEL_MEASURES)) else labels.to(self.device).long()
-        self.keep = None if self.labels is None else self.labels >= 0  # −100: a row without a label
-        self.float32 = softmax and width >= FLOAT32_MIN_WIDTH and self.p.dtype in _LOW_PRECISION
+        self.count = n_all if rows is None else len(rows)  # rows computed (all of them, with `select`)
+        self.n = self.count if self.select is None else len(self.select)
+        self.labels = labels
+        self.keep = None if labels is None else labels >= 0  # −100: a row without a label
         self.redone = 0
         if self.float32:
             self._prepare()
@@ -189,10 +220,10 @@ class Reference:
     # -- the unmodified side, once per batch ----------------------------------------------------------
 
     def _prepare(self) -> None:
-        """Per selected row: log-normalizer, argmax, whether the float32 path applies, the unmodified
+        """Per compared row: log-normalizer, argmax, whether the float32 path applies, the unmodified
         model's own label measures, and Σp and ‖p‖² of p as the float32 path computes it (so that its
         rounding of log p to float32, a common factor of the row, cancels out)."""
-        n, dev = self.n, self.device
+        n, dev = self.count, self.device
         self.lse = torch.empty(n, dtype=torch.float64, device=dev)
         self.jstar = torch.empty(n, 1, dtype=torch.long, device=dev)
         self.mass = torch.empty(n, dtype=torch.float64, device=dev)
@@ -200,15 +231,17 @@ class Reference:
         self.rest2 = torch.empty(n, dtype=torch.float64, device=dev)  # Σ p² over the entries other than t
         self.p_ok = torch.empty(n, dtype=torch.bool, device=dev)
         lab = None if self.labels is None else self.labels.clamp_min(0)
-        self.labels_clamped = lab
         if lab is not None:
             self.base_rank = torch.empty(n, dtype=torch.float64, device=dev)
             self.base_ties = torch.empty(n, dtype=torch.bool, device=dev)
             self.base_zl = torch.empty(n, dtype=torch.float64, device=dev)
         self.tiny = torch.empty(n, dtype=torch.bool, device=dev)
-        # p itself, kept for every probe when it fits the chunk budget (else computed again per chunk)
+        # p itself (and the selected rows of the logits), kept for every probe when they fit the chunk
+        # budget (else computed again, and taken, per chunk)
         width = self.p.shape[1]
-        self.probs = torch.empty(n, width, dtype=torch.float32, device=dev) if n * width * 4 <= self.chunk_bytes else None
+        fits = n * width * 4 <= self.chunk_bytes
+        probs = torch.empty(n, width, dtype=torch.float32, device=dev) if fits else None
+        kept = self.p.index_select(0, self.rows) if fits and self.rows is not None else None
         step = self._step(4, 8)
         for i in range(0, n, step):
             j = min(i + step, n)
@@ -217,8 +250,8 @@ class Reference:
             low = zp.amin(1)
             lse = torch.logsumexp(zp.double(), 1)
             pp = torch.sub(zp.float(), lse.float()[:, None]).exp_()  # as `_measure_chunk` computes it
-            if self.probs is not None:
-                self.probs[i:j] = pp
+            if probs is not None:
+                probs[i:j] = pp
             self.lse[i:j], self.jstar[i:j, 0] = lse, arg
             self.mass[i:j] = pp.sum(1, dtype=torch.float64)
             self.top[i:j] = pp.gather(1, arg[:, None])[:, 0]
@@ -233,12 +266,12 @@ class Reference:
                 ties = ~(width - 2 * greater + net == 1)
                 self.base_rank[i:j], self.base_ties[i:j], self.base_zl[i:j] = greater, ties, zl[:, 0]
             del zp, pp
-        self.lse32 = self.lse.float()
-        self.mass32 = self.mass.float()
-        self.top32 = self.top.float()
-        self.norm2 = self.top32.double() ** 2 + self.rest2  # ‖p‖² of p as float32 computes it
-        self.norm2_32, self.rest2_32 = self.norm2.float(), self.rest2.float()
+        self.norm2 = self.top**2 + self.rest2  # ‖p‖² of p as float32 computes it
         self.guard = bool(self.tiny.any())  # rows where the ratio q/p is checked against _MAX_LOG_RATIO
+        zero = torch.zeros(n, 1, dtype=torch.float32, device=dev)
+        self.static = _Rows(self.lse.float()[:, None], self.mass.float(), self.norm2.float(), self.top.float(),
+                            self.jstar, zero, None if lab is None else lab[:, None], probs, kept)
+        self._chunks: list | None = None  # (start, end, rows, (results, the same as columns)) per chunk
 
     def unmodified(self) -> dict[str, torch.Tensor]:
         """The measures of p against itself (the unmodified model's row of a result table)."""
@@ -246,16 +279,17 @@ class Reference:
             return self._exact(self.p, None)
         out: dict[str, torch.Tensor] = {}
         ok = self.p_ok
-        zero = torch.zeros(self.n, dtype=torch.float64, device=self.device)
+        zero = torch.zeros(self.count, dtype=torch.float64, device=self.device)
         for k in self.want & {"criticality", "l1", "l2", "kl"}:
             out[k] = zero
         if "agreement" in self.want:
             out["agreement"] = torch.ones_like(zero)
+        again = {"": ~ok}
         if self.labels is not None:
             out |= _label_values(self.want, self.labels, self.jstar[:, 0], self.base_rank, self.lse - self.base_zl,
                                  self.p.shape[1], self.keep)
-            return self._redo(out, {"": ~ok, "top5": self.base_ties & self.keep}, self.p)
-        return self._redo(out, {"": ~ok}, self.p)
+            again["top5"] = self.base_ties & self.keep
+        return self._selected(self._redo(out, self._only_selected(again), self.p))
 
     # -- a probe ------------------------------------------------------------------------------------
 
@@ -264,30 +298,96 @@ class Reference:
         q = q_logits.detach().flatten(1)
         if not self.float32:
             return self._exact(q, None)
-        want, n = self.want, self.n
-        parts: dict[str, list[torch.Tensor]] = {}
+        out, again = self._combine(self._sums(q))
+        return self._selected(self._redo(out, self._only_selected(again), q))
+
+    def _sums(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A probe's per-row sums (float64), chunk by chunk (`_measure_chunk`).
+
+        On the CPU the chunks take the fast way, and the rows where that loses precision (q far more
+        confident than p at p's argmax; q nearly perpendicular to p) are measured again the careful
+        way, those rows only; elsewhere every chunk takes the careful way (choosing
+        rows would cost a synchronization)."""
         step = self._step(9, 4)
         work = self._work(step)
-        for i in range(0, n, step):
-            j = min(i + step, n)
-            labels = None if self.labels is None else self.labels_clamped[i:j]
-            probs = None if self.probs is None else self.probs[i:j]
-            chunk = _measure_chunk(self._take(self.p, i, j), self._take(q, i, j), self.lse32[i:j], self.mass32[i:j],
-                                   self.norm2_32[i:j], self.rest2_32[i:j], self.jstar[i:j], labels, want, work, probs,
-                                   self.guard)
-            for k, v in chunk.items():
-                parts.setdefault(k, []).append(v)
-        raw = {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in parts.items()}
-        raw = {k: v.double() if v.is_floating_point() else v for k, v in raw.items()}
-        out, again = self._combine(raw)
-        return self._redo(out, again, q)
+        res = self._results()
+        careful = self.careful_everywhere()
+        if self._chunks is None or self._chunks[0][1] - self._chunks[0][0] != min(step, self.count):
+            self._chunks = []  # each chunk's rows of the unmodified side and of the results, sliced once per batch
+            for i in range(0, self.count, step):
+                part = {k: v[i : i + step] for k, v in res.items()}
+                self._chunks.append((i, min(i + step, self.count), self.static.part(slice(i, i + step)),
+                                     (part, {k: v[:, None] for k, v in part.items()})))
+        for i, j, rows, part in self._chunks:
+            zp = rows.zp if rows.zp is not None else self._take(self.p, i, j)
+            _measure_chunk(zp, self._take(q, i, j), rows, self.want, work, part, careful, self.guard)
+        raw = {k: v.double() for k, v in res.items()}
+        if not careful and "t" in raw:
+            redo = self._needs_care(raw)
+            idx = redo.nonzero().squeeze(1)
+            for s in range(0, len(idx), step):
+                part = idx[s : s + step]
+                rows = self.static.part(part)
+                at = part if self.rows is None else self.rows[part]
+                sub = {k: torch.empty(len(part), dtype=torch.float32, device=self.device) for k in res}
+                _measure_chunk(self.p[at], q[at], rows._replace(zp=None), self.want, work, sub, True, self.guard)
+                for k, v in sub.items():
+                    raw[k][part] = v.double()
+            raw["careful"] = redo
+        return raw
+
+    def careful_everywhere(self) -> bool:
+        """Whether every chunk takes the careful way (off the CPU, where choosing rows would synchronize)."""
+        return self.device.type != "cpu"
+
+    def _needs_care(self, raw: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Rows whose fast-way sums lose precision: Σ p·expm1(x) = p_t/q_t − 1 below `_FAR`, and for
+        criticality ‖p‖² + ⟨d, p⟩ = ⟨q, p⟩ cancelling by more than half (q nearly ⊥ p)."""
+        redo = raw["t"] < _FAR
+        if "criticality" in self.want:
+            redo |= raw["d_top"] * self.top + raw["dp_rest"] <= -0.5 * self.norm2
+        return redo
+
+    def _results(self) -> dict[str, torch.Tensor]:
+        """The float32 per-row sums `_measure_chunk` writes, allocated once per batch."""
+        if getattr(self, "_res", None) is None:
+            keys = ["qmax"]
+            want = self.want
+            if "agreement" in want or ("accuracy" in want and "top5" not in want):
+                keys.append("at_max")
+            if "agreement" in want:
+                keys.append("zj")
+            if self.labels is not None:
+                keys += ["zl", "net", "greater"] if "top5" in want else ["zl"]
+            pair = want & {"criticality", "l1", "l2", "kl"}
+            if pair or "loss" in want:
+                keys += ["s", "t", "L"] + (["xmax"] if self.guard else [])
+            if pair:
+                keys += ["d_top", "dp_rest", "dd_rest"] + (["kl"] if "kl" in want else [])
+                keys += ["ee_rest", "pq"] if "criticality" in want else []
+                keys += ["l1_rest"] if "l1" in want else []
+            self._res = {k: torch.full((self.count,), math.nan, dtype=torch.float32, device=self.device) for k in keys}
+        return self._res
 
     def _work(self, step: int) -> list[torch.Tensor]:
         """The seven float32 (rows, C) buffers of `_measure_chunk`, allocated once per batch."""
         if getattr(self, "_buffers", None) is None or len(self._buffers[0]) < step:
-            shape = (min(step, self.n), self.p.shape[1])
+            shape = (min(step, self.count), self.p.shape[1])
             self._buffers = [torch.empty(shape, dtype=torch.float32, device=self.device) for _ in range(7)]
         return self._buffers
+
+    def _only_selected(self, again: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`again` without the rows that are computed but not selected (none measured twice for nothing)."""
+        if self.select is None:
+            return again
+        chosen = torch.zeros(self.count, dtype=torch.bool, device=self.device).index_fill_(0, self.select, True)
+        return {k: v & chosen for k, v in again.items()}
+
+    def _selected(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The selected rows' values (the label measures are per labelled row already)."""
+        if self.select is None:
+            return out
+        return {k: v if k in LABEL_MEASURES else v[self.select] for k, v in out.items()}
 
     def _combine(self, raw: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The measures from a probe's per-row sums (float64), and the rows to measure again in float64:
@@ -302,14 +402,14 @@ class Reference:
                 redo = redo | (self.tiny & ~(raw["xmax"] - raw["L"] <= _MAX_LOG_RATIO))
         mass = self.mass  # p as float32 computes it sums to this: measures of p and q scale with it
         if "dd_rest" in raw:
-            d_top, p_top, dp_rest, dd_rest = raw["d_top"], raw["p_top"], raw["dp_rest"], raw["dd_rest"]
+            d_top, p_top, dp_rest, dd_rest = raw["d_top"], self.top, raw["dp_rest"], raw["dd_rest"]
             norm2, rest2 = self.norm2, self.rest2
             if "criticality" in want:
+                dp = d_top * p_top + dp_rest
                 # ‖q⊥‖², q⊥ = q − ⟨q, p̂⟩p̂ = (q − p)⊥: its entry t is (d_t·Σ'p² − p_t·Σ'd·p)/‖p‖² (Σ' over i ≠ t)
                 ee = raw["ee_rest"] + ((d_top * rest2 - p_top * dp_rest) / norm2) ** 2
                 np_ = norm2.sqrt()
                 # ⟨q, p̂⟩ from ‖p‖² + ⟨d, p⟩, or where that cancels (q nearly ⊥ p) from ⟨p, q⟩ = Σ p²·e^y
-                dp = d_top * p_top + dp_rest
                 along = torch.where(dp > -0.5 * norm2, norm2 + dp, raw["pq"]) / np_
                 nq = (along * along + ee).sqrt()
                 out["criticality"] = ee / (nq * (nq + along))  # 1 − cos = ‖q⊥‖²/(‖q‖(‖q‖ + ⟨q, p̂⟩))
@@ -377,7 +477,7 @@ class Reference:
         want = self.want if which is None else self.want & which
         rows = self.rows if idx is None else (idx if self.rows is None else self.rows[idx])
         labels = self.labels if idx is None or self.labels is None else self.labels[idx]
-        n = self.n if idx is None else len(idx)
+        n = self.count if idx is None else len(idx)
         width = max(1, q.shape[1])
         step = max(1, int(self.chunk_bytes) // (_TEMPORARIES * 8 * width))
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in want}
@@ -404,119 +504,99 @@ def _label_values(want: set[str], labels: torch.Tensor, argmax: torch.Tensor | N
     return out
 
 
-def _measure_chunk(zp: torch.Tensor, zq: torch.Tensor, lse: torch.Tensor, mass: torch.Tensor, norm2: torch.Tensor,
-                   rest2: torch.Tensor, jstar: torch.Tensor, labels: torch.Tensor | None, want: set[str],
-                   work: list[torch.Tensor],
-                   probs: torch.Tensor | None = None, guard: bool = True) -> dict[str, torch.Tensor]:
-    """Per-row sums of one chunk of rows in float32 (see the module docstring); `Reference._combine`
-    makes the measures of them.
+def _measure_chunk(zp: torch.Tensor, zq: torch.Tensor, rows: _Rows, want: set[str], work: list[torch.Tensor],
+                   res: dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+                   careful: bool = False, guard: bool = False) -> None:
+    """Per-row sums of one chunk of rows in float32 (see the module docstring), written into `res`
+    (the chunk's rows of `Reference._results`, or those and the same as (rows, 1) columns);
+    `Reference._combine` makes the measures of them.
 
     Written for (tokens × vocabulary) chunks that stay in cache, where every pass over the chunk counts:
     one `expm1` (the only transcendental pass besides p's `exp` and q's), every temporary one of the
-    seven reused `work` buffers (no allocation per chunk), fused `addcmul`s where they are fast, no
-    bool tensors, `where` or `max` with indices (slower than arithmetic here), and the per-row
-    arithmetic left to `_combine`, once per batch. `labels` are clamped to ≥ 0 (rows without one are
-    dropped later); `probs` is p as this function computes it, if kept; `guard`: return max(x) for the
-    check against `_MAX_LOG_RATIO`.
+    seven reused `work` buffers and every sum written in place (no allocation per chunk), no bool
+    tensors, `where` or `max` with indices (slower than arithmetic here), and the per-row arithmetic
+    left to `_combine`, once per batch. The fast way (`careful` False) takes q's normalizer from
+    Σ p·expm1(x); the careful way also computes what the rows where that cancels need
+    (`Reference._needs_care`): the normalizer from positive terms and expm1(y) directly where
+    Σ p·expm1(x) < `_FAR`, and ⟨p, q⟩ = Σ p²·e^y for rows nearly perpendicular to p. `guard`: also
+    max(x), for the check against `_MAX_LOG_RATIO`.
     """
+    res, col = res if isinstance(res, tuple) else (res, {k: v[:, None] for k, v in res.items()})
     if zq.dtype != torch.float32:
         zp, zq = zp.float(), zq.float()
     if len(zq) < len(work[0]):
         work = [t[: len(zq)] for t in work]
     b_p, b_x, b_u, b_d, b_1, b_2, b_3 = work
-    out: dict[str, torch.Tensor] = {}
+    jstar = rows.jstar
     x = torch.sub(zq, zp, out=b_x)  # exact where z_q and z_p are within a factor 2: nearly identical rows
-    out["qmax"] = top = zq.amax(1)  # NaN or +inf: the row is not finite
-    if "agreement" in want or ("accuracy" in want and "top5" not in want):
-        # how many scores equal the maximum (argmax is the first of them): ties are measured again
-        out["at_max"] = torch.sub(zq, top[:, None], out=b_1).sign_().sum(1)  # −(C − ties)
-        if "agreement" in want:
-            out["zj"] = zq.gather(1, jstar)[:, 0]
-    if labels is not None:
-        zl = zq.gather(1, labels[:, None])
-        out["zl"] = zl[:, 0]
-        if "top5" in want:
-            out["net"], out["greater"] = _rank_counts(zq, zl, b_1)
-    pair = want & {"criticality", "l1", "l2", "kl"}
-    if not pair and "loss" not in want:
-        return out
-    p = torch.sub(zp, lse[:, None], out=b_p).exp_() if probs is None else probs
-    s = x.gather(1, jstar)
+    torch.amax(zq, 1, out=res["qmax"])  # NaN or +inf: the row is not finite
+    if "at_max" in res:  # how many scores equal the maximum (argmax is the first of them): ties are measured again
+        torch.sum(torch.sub(zq, col["qmax"], out=b_1).sign_(), 1, out=res["at_max"])  # −(C − ties)
+    if "zj" in res:
+        torch.gather(zq, 1, jstar, out=col["zj"])
+    if rows.labels is not None:
+        zl = torch.gather(zq, 1, rows.labels, out=col["zl"])
+        if "greater" in res:
+            _rank_counts(zq, zl, b_1, res["net"], res["greater"])
+    if "t" not in res:
+        return
+    p = torch.sub(zp, rows.lse, out=b_p).exp_() if rows.probs is None else rows.probs
+    s = torch.gather(x, 1, jstar, out=col["s"])
     x.sub_(s)
     if guard:
-        out["xmax"] = x.amax(1)
+        torch.amax(x, 1, out=res["xmax"])
     u = torch.expm1(x, out=b_u)
     # p is exp(log p rounded to float32): Σp = `mass` = 1 ± 1e-7, which every sum of p is divided by.
-    t = torch.mul(p, u, out=b_1).sum(1).div_(mass)  # Σ p·expm1(x) = p_t/q_t − 1
-    L = torch.log1p(t)  # log Σ p·e^x: y = x − L = log q − log p
-    # Where q is far more confident than p in p's argmax t, 1 + t = p_t/q_t is small and the sum above
-    # cancels (1 + t loses log2(q_t/p_t) bits, and e^−L with it): there L = log Σ p·e^x from positive
-    # terms, and expm1(y) directly (on the CPU only for the chunks that need it).
-    cpu = zq.device.type == "cpu"
-    far = t < _FAR
-    far_rows = far.nonzero().squeeze(1) if cpu and bool(far.any()) else None
-    if far_rows is not None:  # those rows only
-        L[far_rows] = torch.exp(x[far_rows]).mul_(p[far_rows]).sum(1).div_(mass[far_rows]).log_()
-    elif not cpu:
-        total = torch.exp(x, out=b_1).mul_(p).sum(1).div_(mass)
-        L = torch.where(far, total.log(), L)
-    out["L"], out["s"] = L, s[:, 0]
-    if not pair:
-        return out
-    y = x.sub_(L[:, None])
-    a = torch.reciprocal(t + 1)  # e^−L; e^−L − 1 = −t·e^−L, without cancellation
-    w = u.mul_(a[:, None]).add_((-t * a)[:, None])  # expm1(y) = q/p − 1
-    if far_rows is not None:
-        w[far_rows] = torch.expm1(y[far_rows])
-    elif not cpu:
-        w = torch.where(far[:, None], torch.expm1(y), w)
+    t = torch.sum(torch.mul(p, u, out=b_1), 1, out=res["t"]).div_(rows.mass)  # Σ p·expm1(x) = p_t/q_t − 1
+    L = torch.log1p(t, out=res["L"])  # log Σ p·e^x: y = x − L = log q − log p
+    if careful:
+        # Where q is far more confident than p in p's argmax t, 1 + t = p_t/q_t is small and the sum
+        # above cancels (1 + t loses log2(q_t/p_t) bits, and e^−L with it): there L = log Σ p·e^x from
+        # positive terms, and expm1(y) directly.
+        far = t < _FAR
+        total = torch.sum(torch.exp(x, out=b_1).mul_(p), 1).div_(rows.mass)
+        L.copy_(torch.where(far, total.log(), L))
+    if "d_top" not in res:
+        return
+    a = torch.add(t, 1).reciprocal_()  # e^−L
+    w = u.sub_(col["t"]).mul_(a[:, None])  # expm1(y) = q/p − 1 = (expm1(x) − t)·e^−L
+    y = x.sub_(col["L"]) if careful or "kl" in res else None
+    if careful:
+        w.copy_(torch.where(far[:, None], torch.expm1(y), w))
     d = torch.mul(p, w, out=b_d)  # q − p
-    if "kl" in want:
-        out["kl"] = _kl_sum(p, y, w, d, b_1, b_2, b_3)
-    # Sums over the entries other than p's argmax t, with d_t and p_t apart: a peaked p puts most of
-    # q − p along p, whose part along p must then cancel; at t that is done by hand (in `_combine`).
-    d_top, p_top = d.gather(1, jstar)[:, 0], p.gather(1, jstar)[:, 0]
-    d.scatter_(1, jstar, 0.0)
-    dp_rest = torch.mul(d, p, out=b_1).sum(1)
-    out["dd_rest"] = torch.mul(d, d, out=b_1).sum(1)
-    out["d_top"], out["p_top"], out["dp_rest"] = d_top, p_top, dp_rest
-    if "criticality" in want:
-        # ‖(q − p)⊥p‖² without its entry t: from the sums Σ'd² − 2κ·Σ'd·p + κ²·Σ'p² (κ = ⟨d, p⟩/‖p‖²)
-        # where they do not cancel, else from e = d − κ·p elementwise (on the CPU only the chunks that
-        # need it; the check would cost the GPU a synchronization)
-        dp = d_top * p_top + dp_rest
-        kappa = dp / norm2
-        expanded = out["dd_rest"] - kappa * (2 * dp_rest - kappa * rest2)
-        if zq.device.type != "cpu" or bool((expanded < _EXPANDED * out["dd_rest"]).any()):
-            e = torch.mul(p, kappa[:, None], out=b_1)
-            e = torch.sub(d, e, out=b_1).scatter_(1, jstar, 0.0)
-            out["ee_rest"] = e.square_().sum(1)
-        else:
-            out["ee_rest"] = expanded
-        # ⟨p, q⟩ = Σ p²·e^y, a sum of positive terms, where ‖p‖² + ⟨d, p⟩ cancels (q nearly ⊥ p); on
-        # the CPU only for the chunks that need it (the check would cost the GPU a synchronization)
-        if zq.device.type != "cpu" or bool((dp <= -0.5 * norm2).any()):
-            out["pq"] = torch.exp(y, out=b_1).mul_(p).mul_(p).sum(1)
-        else:
-            out["pq"] = torch.full_like(dp, math.nan)
-    if "l1" in want:
-        out["l1_rest"] = d.abs_().sum(1)
-    return out
+    if "kl" in res:
+        _kl_sum(p, y, w, d, b_1, b_2, b_3, res["kl"])
+    # Sums over the entries other than p's argmax t, with d_t apart: a peaked p puts most of q − p
+    # along p, whose part along p must then cancel; at t that is done by hand (in `_combine`).
+    d_top = torch.gather(d, 1, jstar, out=col["d_top"])
+    d.scatter_(1, jstar, rows.zero)
+    torch.sum(torch.mul(d, p, out=b_1), 1, out=res["dp_rest"])
+    torch.sum(torch.mul(d, d, out=b_1), 1, out=res["dd_rest"])
+    if "ee_rest" in res:
+        # ‖(q − p)⊥p‖² without its entry t, elementwise: e = d − κ·p (κ = ⟨d, p⟩/‖p‖²)
+        kappa = (d_top[:, 0] * rows.top + res["dp_rest"]).div_(rows.norm2)
+        e = torch.sub(d, torch.mul(p, kappa[:, None], out=b_1), out=b_1).scatter_(1, jstar, rows.zero)
+        torch.sum(e.square_(), 1, out=res["ee_rest"])
+        if careful:  # ⟨p, q⟩ = Σ p²·e^y, a sum of positive terms, where ‖p‖² + ⟨d, p⟩ cancels (q nearly ⊥ p)
+            torch.sum(torch.exp(y, out=b_1).mul_(p).mul_(p), 1, out=res["pq"])
+    if "l1_rest" in res:
+        torch.sum(d.abs_(), 1, out=res["l1_rest"])
 
 
-def _rank_counts(z: torch.Tensor, zl: torch.Tensor, buffer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _rank_counts(z: torch.Tensor, zl: torch.Tensor, buffer: torch.Tensor | None = None, net: torch.Tensor | None = None,
+                 greater: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, Σ sign(z − zl) (greater − less) and how many scores are greater than `zl` (a (R, 1)
-    column), from the sign of the difference (cheaper than comparisons into bool tensors). The scores
-    equal to zl are then C − 2·greater + net; float32 counts are exact up to 2^24 columns, NaN scores
-    make them NaN."""
+    column), from the sign of the difference (cheaper than comparisons into bool tensors), into `net`
+    and `greater` if given. The scores equal to zl are then C − 2·greater + net; float32 counts are
+    exact up to 2^24 columns, NaN scores make them NaN."""
     sign = torch.sub(z, zl, out=buffer).sign_()
-    net = sign.sum(1)
-    return net, sign.clamp_min_(0).sum(1)
+    net = torch.sum(sign, 1, out=net)
+    return net, torch.sum(sign.clamp_min_(0), 1, out=greater)
 
 
 def _kl_sum(p: torch.Tensor, y: torch.Tensor, w: torch.Tensor, d: torch.Tensor, b_1: torch.Tensor,
-            b_2: torch.Tensor, b_3: torch.Tensor) -> torch.Tensor:
-    """Σ p·(e^y − 1 − y) per row, from y, w = expm1(y) and d = p·w (in the buffers b_1 … b_3).
+            b_2: torch.Tensor, b_3: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Σ p·(e^y − 1 − y) per row into `out`, from y, w = expm1(y) and d = p·w (in the buffers b_1 … b_3).
 
     Where |y| ≤ `_SERIES` each term is d·y·ρ(y) with ρ(y) = (e^y − 1 − y)/(y·(e^y − 1)) = ½ − y/12 +
     y³/720 − … by its series (relative truncation ≤ 7e-8): w − y would lose the digits of its
@@ -528,7 +608,7 @@ def _kl_sum(p: torch.Tensor, y: torch.Tensor, w: torch.Tensor, d: torch.Tensor, 
     rho = torch.addcmul(_constant(0.5, y), rho, ys, out=b_3)  # ½ − y/12 + y³/720
     near = torch.mul(d, y, out=b_1).mul_(rho)
     far = torch.sub(w, y, out=b_3).mul_(p).sub_(near)  # p·(w − y) − the series
-    return torch.addcmul(near, weight, far, out=b_1).sum(1)
+    return torch.sum(torch.addcmul(near, weight, far, out=b_1), 1, out=out)
 
 
 _CONSTANTS: dict[tuple[float, torch.device], torch.Tensor] = {}
