@@ -10,24 +10,30 @@ How rows are compared (`Reference`, which the engine builds once per batch and a
   compared in float32, a few rows at a time (`CACHE_ELEMENTS`: a chunk's temporaries stay in the
   CPU's cache), every measure of a chunk from one pass of `expm1` over its logits. The unmodified
   side (p itself where it fits `chunk_bytes`, its log-normalizer, argmax t, ‖p‖², the label ranks)
-  is computed once per batch and shared by every probe. The formulation cancels nothing at first
-  order, so nearly identical p and q keep their relative precision:
+  is computed once per batch and shared by every probe; each chunk writes its per-row sums in place
+  (no allocation, concatenation or copy per chunk), and with `rows` that leave out at most
+  `_DENSE` of the rows (a sequence's last position) every row is compared in place and the selected
+  ones returned, rather than copying the selected rows of p and q per chunk. On the CPU a chunk takes
+  the fast way and only the rows that need more (the two cases marked "careful" below) are measured
+  again the careful way; on a GPU every chunk takes the careful way (choosing rows would synchronize).
+  The formulation cancels nothing at first order, so nearly identical p and q keep their relative
+  precision:
   - x = (z_q − z_p) − (z_q − z_p)_t, the logits subtracted first (exact where they agree within a
     factor 2); L = log Σ p·e^x = log1p(Σ p·expm1(x)); y = x − L = log q − log p; and
     d = q − p = p·expm1(y), never a difference of two rounded probabilities. l1 = Σ|d|, l2 = ‖d‖.
     Where q is far more confident than p in p's argmax (Σ p·expm1(x) = p_t/q_t − 1 < −½, e.g. a
-    flat p on unfamiliar text), that sum cancels: L from Σ p·e^x and expm1(y) directly there.
+    flat p on unfamiliar text), that sum cancels: L from Σ p·e^x and expm1(y) directly there (careful).
   - 1 − cos(p, q) = ‖q⊥‖²/(‖q‖(‖q‖ + ⟨q, p̂⟩)), q⊥ = d − (⟨d, p⟩/‖p‖²)·p: its entry t (which a
     peaked p makes the largest, and cancelling) is (d_t·Σ'p² − p_t·Σ'd·p)/‖p‖² with Σ' over the
     other entries; the others elementwise, e = d − (⟨d, p⟩/‖p‖²)·p (the expanded sums Σ'd² −
     2κ·Σ'd·p + κ²·Σ'p² lose up to 2e-7 more on peaked real rows, taking some past 1e-6). ⟨q, p̂⟩
-    from ‖p‖² + ⟨d, p⟩, or from Σ p²·e^y where q is nearly ⊥ p.
+    from ‖p‖² + ⟨d, p⟩, or from Σ p²·e^y where q is nearly ⊥ p (careful).
   - KL(p‖q) = Σ p·(e^y − 1 − y), each term ≥ 0: d·y·(½ − y/12 + y³/720) where |y| ≤ ¼ (there
     expm1(y) − y would cancel), p·(expm1(y) − y) elsewhere.
   - p is exp of log p rounded to float32, so Σp = 1 ± 1e-7: that common factor of the row is divided out.
   Measured against an exact float64 evaluation (`layercrit.testing.exact_measures`) on real
   language-model outputs (SmolLM2-135M on real text and on random tokens, random GPT-2 and Llama
-  configs; benchmarks/results/lm_cost.md): ≤ 9.1e-7 relative on every row and ≤ 1.3e-8 on the means,
+  configs; benchmarks/results/lm_cost.md): ≤ 8.4e-7 relative on every row and ≤ 1.6e-8 on the means,
   also where p and q differ by 1e-13 — where the float64 formulation below keeps no digit of the
   criticality and of KL. The loss (a log): within 1e-6 nats where it is below 1, relative above
   (tests/test_measures_precision.py).
