@@ -35,10 +35,10 @@ class _Rows(NamedTuple):
 
 
 def _measure_chunk(zp: torch.Tensor, zq: torch.Tensor, rows: _Rows, want: set[str], work: list[torch.Tensor],
-                   res: dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
-                   careful: bool = False, guard: bool = False) -> None:
-    """Per-row sums of one chunk of rows in float32 (see the module docstring), written into `res`
-    (the chunk's rows of `Reference._results`, or those and the same as (rows, 1) columns);
+                   res: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]], careful: bool = False,
+                   guard: bool = False) -> None:
+    """Per-row sums of one chunk of rows in float32 (see `layercrit.engine.measures`), written into
+    `res`: the chunk's rows of `Reference._results` and the same as (rows, 1) columns;
     `Reference._combine` makes the measures of them.
 
     Written for (tokens × vocabulary) chunks that stay in cache, where every pass over the chunk counts:
@@ -51,7 +51,7 @@ def _measure_chunk(zp: torch.Tensor, zq: torch.Tensor, rows: _Rows, want: set[st
     Σ p·expm1(x) < `_FAR`, and ⟨p, q⟩ = Σ p²·e^y for rows nearly perpendicular to p. `guard`: also
     max(x), for the check against `_MAX_LOG_RATIO`.
     """
-    res, col = res if isinstance(res, tuple) else (res, {k: v[:, None] for k, v in res.items()})
+    res, col = res
     if zq.dtype != torch.float32:
         zp, zq = zp.float(), zq.float()
     if len(zq) < len(work[0]):

@@ -182,6 +182,7 @@ class Reference:
                     every = torch.full((n_all,), -100, dtype=torch.long, device=self.device)
                     labels = every.index_copy_(0, rows, labels)
                 rows = None
+                self.chosen = torch.zeros(n_all, dtype=torch.bool, device=self.device).index_fill_(0, self.select, True)
         self.rows = rows
         self.count = n_all if rows is None else len(rows)  # rows computed (all of them, with `select`)
         self.n = self.count if self.select is None else len(self.select)
@@ -258,7 +259,7 @@ class Reference:
         zero = torch.zeros(n, 1, dtype=torch.float32, device=dev)
         self.static = _Rows(self.lse.float()[:, None], self.mass.float(), self.norm2.float(), self.top.float(),
                             self.jstar, zero, None if lab is None else lab[:, None], probs, kept)
-        self._chunks: list | None = None  # (start, end, rows, (results, the same as columns)) per chunk
+        self._chunks: tuple | None = None  # (step, [(start, end, rows, (results, the same as columns)) per chunk])
 
     def unmodified(self) -> dict[str, torch.Tensor]:
         """The measures of p against itself (the unmodified model's row of a result table)."""
@@ -299,28 +300,27 @@ class Reference:
         work = self._work(step)
         res = self._results()
         careful = self.careful_everywhere()
-        if self._chunks is None or self._chunks[0][1] - self._chunks[0][0] != min(step, self.count):
-            self._chunks = []  # each chunk's rows of the unmodified side and of the results, sliced once per batch
+        if self._chunks is None or self._chunks[0] != step:
+            chunks = []  # each chunk's rows of the unmodified side and of the results, sliced once per batch
             for i in range(0, self.count, step):
                 part = {k: v[i : i + step] for k, v in res.items()}
-                self._chunks.append((i, min(i + step, self.count), self.static.part(slice(i, i + step)),
-                                     (part, {k: v[:, None] for k, v in part.items()})))
-        for i, j, rows, part in self._chunks:
+                chunks.append((i, min(i + step, self.count), self.static.part(slice(i, i + step)), _with_columns(part)))
+            self._chunks = (step, chunks)
+        for i, j, rows, part in self._chunks[1]:
             zp = rows.zp if rows.zp is not None else self._take(self.p, i, j)
             _measure_chunk(zp, self._take(q, i, j), rows, self.want, work, part, careful, self.guard)
         raw = {k: v.double() for k, v in res.items()}
         if not careful and "t" in raw:
-            redo = self._needs_care(raw)
-            idx = redo.nonzero().squeeze(1)
+            idx = self._needs_care(raw).nonzero().squeeze(1)
             for s in range(0, len(idx), step):
                 part = idx[s : s + step]
                 rows = self.static.part(part)
                 at = part if self.rows is None else self.rows[part]
+                zp = rows.zp if rows.zp is not None else self.p[at]
                 sub = {k: torch.empty(len(part), dtype=torch.float32, device=self.device) for k in res}
-                _measure_chunk(self.p[at], q[at], rows._replace(zp=None), self.want, work, sub, True, self.guard)
+                _measure_chunk(zp, q[at], rows, self.want, work, _with_columns(sub), True, self.guard)
                 for k, v in sub.items():
                     raw[k][part] = v.double()
-            raw["careful"] = redo
         return raw
 
     def careful_everywhere(self) -> bool:
@@ -367,8 +367,7 @@ class Reference:
         """`again` without the rows that are computed but not selected (none measured twice for nothing)."""
         if self.select is None:
             return again
-        chosen = torch.zeros(self.count, dtype=torch.bool, device=self.device).index_fill_(0, self.select, True)
-        return {k: v & chosen for k, v in again.items()}
+        return {k: v & self.chosen for k, v in again.items()}
 
     def _selected(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The selected rows' values (the label measures are per labelled row already)."""
@@ -476,6 +475,11 @@ class Reference:
                 parts[k].append(v)
         empty = torch.zeros(0, dtype=torch.float64, device=self.device)
         return {k: torch.cat(v) if v else empty for k, v in parts.items()}
+
+
+def _with_columns(res: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per-row result views and the same as (rows, 1) columns, as `_measure_chunk` writes them."""
+    return res, {k: v[:, None] for k, v in res.items()}
 
 
 def _label_values(want: set[str], labels: torch.Tensor, argmax: torch.Tensor | None, greater: torch.Tensor | None,
