@@ -61,13 +61,13 @@ def _measure_chunk(zp: torch.Tensor, zq: torch.Tensor, rows: _Rows, want: set[st
     x = torch.sub(zq, zp, out=b_x)  # exact where z_q and z_p are within a factor 2: nearly identical rows
     torch.amax(zq, 1, out=res["qmax"])  # NaN or +inf: the row is not finite
     if "at_max" in res:  # how many scores equal the maximum (argmax is the first of them): ties are measured again
-        torch.sum(torch.sub(zq, col["qmax"], out=b_1).sign_(), 1, out=res["at_max"])  # −(C − ties)
+        torch.sum(torch.eq(zq, col["qmax"], out=b_1), 1, out=res["at_max"])
     if "zj" in res:
         torch.gather(zq, 1, jstar, out=col["zj"])
     if rows.labels is not None:
         zl = torch.gather(zq, 1, rows.labels, out=col["zl"])
         if "greater" in res:
-            _rank_counts(zq, zl, b_1, res["net"], res["greater"])
+            _rank_counts(zq, zl, b_1, res["equal"], res["greater"])
     if "t" not in res:
         return
     p = torch.sub(zp, rows.lse, out=b_p).exp_() if rows.probs is None else rows.probs
@@ -104,8 +104,8 @@ def _measure_chunk(zp: torch.Tensor, zq: torch.Tensor, rows: _Rows, want: set[st
     torch.sum(torch.mul(d, d, out=b_1), 1, out=res["dd_rest"])
     if "ee_rest" in res:
         # ‖(q − p)⊥p‖² without its entry t, elementwise: e = d − κ·p (κ = ⟨d, p⟩/‖p‖²)
-        kappa = (d_top[:, 0] * rows.top + res["dp_rest"]).div_(rows.norm2)
-        e = torch.sub(d, torch.mul(p, kappa[:, None], out=b_1), out=b_1).scatter_(1, jstar, rows.zero)
+        kappa = (d_top[:, 0] * rows.top + res["dp_rest"]).div_(rows.norm2).neg_()
+        e = torch.addcmul(d, p, kappa[:, None], out=b_1).scatter_(1, jstar, rows.zero)
         torch.sum(e.square_(), 1, out=res["ee_rest"])
         if careful:  # ⟨p, q⟩ = Σ p²·e^y, a sum of positive terms, where ‖p‖² + ⟨d, p⟩ cancels (q nearly ⊥ p)
             torch.sum(torch.exp(y, out=b_1).mul_(p).mul_(p), 1, out=res["pq"])
@@ -113,32 +113,32 @@ def _measure_chunk(zp: torch.Tensor, zq: torch.Tensor, rows: _Rows, want: set[st
         torch.sum(d.abs_(), 1, out=res["l1_rest"])
 
 
-def _rank_counts(z: torch.Tensor, zl: torch.Tensor, buffer: torch.Tensor | None = None, net: torch.Tensor | None = None,
+def _rank_counts(z: torch.Tensor, zl: torch.Tensor, buffer: torch.Tensor | None = None, equal: torch.Tensor | None = None,
                  greater: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, Σ sign(z − zl) (greater − less) and how many scores are greater than `zl` (a (R, 1)
-    column), from the sign of the difference (cheaper than comparisons into bool tensors), into `net`
-    and `greater` if given. The scores equal to zl are then C − 2·greater + net; float32 counts are
-    exact up to 2^24 columns, NaN scores make them NaN."""
-    sign = torch.sub(z, zl, out=buffer).sign_()
-    net = torch.sum(sign, 1, out=net)
-    return net, torch.sum(sign.clamp_min_(0), 1, out=greater)
+    """Per row, how many scores equal `zl` (a (R, 1) column; at least the label's own, 1 without
+    ties) and how many are greater, into `equal` and `greater` if given: comparisons written as
+    float32 0/1 (cheaper than bool tensors and their sums), float32 counts exact up to 2^24 columns.
+    NaN scores count as neither; the rows holding them are measured again (their maximum is NaN)."""
+    equal = torch.sum(torch.eq(z, zl, out=buffer), 1, out=equal)
+    return equal, torch.sum(torch.gt(z, zl, out=buffer), 1, out=greater)
 
 
 def _kl_sum(p: torch.Tensor, y: torch.Tensor, w: torch.Tensor, d: torch.Tensor, b_1: torch.Tensor,
             b_2: torch.Tensor, b_3: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Σ p·(e^y − 1 − y) per row into `out`, from y, w = expm1(y) and d = p·w (in the buffers b_1 … b_3).
+    """Σ p·(e^y − 1 − y) per row into `out`, from y, w = expm1(y) (overwritten) and d = p·w (in the buffers b_1 … b_3).
 
     Where |y| ≤ `_SERIES` each term is d·y·ρ(y) with ρ(y) = (e^y − 1 − y)/(y·(e^y − 1)) = ½ − y/12 +
     y³/720 − … by its series (relative truncation ≤ 7e-8): w − y would lose the digits of its
-    cancellation there. Elsewhere p·(w − y). A 0/1 weight chooses, exactly (no bool tensors).
+    cancellation there. Elsewhere p·(w − y). A 0/1 weight (y ≠ its clamp) chooses, exactly: `lerp`
+    returns either end as it is.
     """
     ys = torch.clamp(y, -_SERIES, _SERIES, out=b_1)
-    weight = torch.sub(y, ys, out=b_2).sign_().square_()  # 1 where |y| > _SERIES, else 0
+    weight = torch.ne(y, ys, out=b_2)  # 1 where |y| > _SERIES, else 0
     rho = torch.addcmul(_constant(-1.0 / 12, y), ys, ys, value=1.0 / 720, out=b_3)
     rho = torch.addcmul(_constant(0.5, y), rho, ys, out=b_3)  # ½ − y/12 + y³/720
     near = torch.mul(d, y, out=b_1).mul_(rho)
-    far = torch.sub(w, y, out=b_3).mul_(p).sub_(near)  # p·(w − y) − the series
-    return torch.sum(torch.addcmul(near, weight, far, out=b_1), 1, out=out)
+    far = w.sub_(y).mul_(p)  # p·(w − y), in place of w (not read after this)
+    return torch.sum(torch.lerp(near, far, weight, out=b_1), 1, out=out)
 
 
 _CONSTANTS: dict[tuple[float, torch.device], torch.Tensor] = {}

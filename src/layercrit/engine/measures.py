@@ -250,8 +250,8 @@ class Reference:
             self.tiny[i:j] = low.double() - lse < -80
             if lab is not None:
                 zl = zp.float().gather(1, lab[i:j][:, None])
-                net, greater = _rank_counts(zp.float(), zl)
-                ties = ~(width - 2 * greater + net == 1)
+                equal, greater = _rank_counts(zp.float(), zl)
+                ties = ~(equal == 1)
                 self.base_rank[i:j], self.base_ties[i:j], self.base_zl[i:j] = greater, ties, zl[:, 0]
             del zp, pp
         self.norm2 = self.top**2 + self.rest2  # ‖p‖² of p as float32 computes it
@@ -345,7 +345,7 @@ class Reference:
             if "agreement" in want:
                 keys.append("zj")
             if self.labels is not None:
-                keys += ["zl", "net", "greater"] if "top5" in want else ["zl"]
+                keys += ["zl", "equal", "greater"] if "top5" in want else ["zl"]
             pair = want & {"criticality", "l1", "l2", "kl"}
             if pair or "loss" in want:
                 keys += ["s", "t", "L"] + (["xmax"] if self.guard else [])
@@ -408,7 +408,7 @@ class Reference:
         if "kl" in want:
             out["kl"] = raw["kl"].clamp_min(0) / mass
             redo = redo | ~(out["kl"] < math.inf)  # a probability of q underflowing to 0: KL is +inf there
-        unique_max = raw["at_max"] == 1 - width if "at_max" in raw else None  # one score equals the maximum
+        unique_max = raw["at_max"] == 1 if "at_max" in raw else None  # one score equals the maximum
         if "agreement" in want:
             top = raw["zj"] == raw["qmax"]
             out["agreement"] = (top & unique_max).double()
@@ -417,7 +417,7 @@ class Reference:
             keep = self.keep
             if "top5" in want:
                 greater = raw["greater"]
-                ties = ~(width - 2 * greater + raw["net"] == 1)  # scores equal to the label's besides it (or NaN)
+                ties = ~(raw["equal"] == 1)  # scores equal to the label's besides it
                 out["top5"] = (greater < min(5, width)).double()[keep]
                 again["top5"] = ties & keep  # topk decides among ties
                 if "accuracy" in want:
