@@ -83,6 +83,32 @@ def test_substitute_restores_after_exception_and_rejects_bad_shapes():
     assert_same_state(model, before)
 
 
+def test_substitute_points_parameters_at_the_values_and_copies_the_rest():
+    """A parameter alone on its storage reads the value itself and gets its own tensor back; one
+    sharing its storage with another parameter, a value to convert and a buffer are copied, and
+    everything is restored bit-exactly."""
+    model = TinyMLP()
+    model.register_buffer("scale", torch.ones(3))
+    model.fc2.bias = nn.Parameter(model.fc2.bias.data)  # a second Parameter object on the same storage
+    tied = nn.Parameter(model.fc2.bias.data)
+    model.extra = nn.Module()
+    model.extra.b = tied
+    before = snapshot(model)
+    own = {n: p.data for n, p in model.named_parameters()}
+    values = {"fc1.weight": torch.randn(3, 4), "fc2.bias": torch.randn_like(model.fc2.bias),
+              "fc1.bias": torch.randn(3, dtype=torch.float64), "scale": torch.full((3,), 2.0)}
+    kept = {n: v.clone() for n, v in values.items()}
+    with substitute(model, values):
+        assert model.fc1.weight.data_ptr() == values["fc1.weight"].data_ptr()  # pointed, not copied
+        assert model.fc2.bias.data_ptr() == own["fc2.bias"].data_ptr()  # shared storage: copied in place
+        assert torch.equal(tied, values["fc2.bias"])  # and the other parameter on it sees the value
+        assert torch.equal(model.fc1.bias, values["fc1.bias"].float()) and model.fc1.bias.dtype == torch.float32
+        assert torch.equal(model.scale, values["scale"])
+    assert_same_state(model, before)
+    assert all(p.data_ptr() == own[n].data_ptr() for n, p in model.named_parameters())  # their own tensors back
+    assert all(torch.equal(values[n], kept[n]) for n in values)  # the values untouched
+
+
 def test_rerandomize_with_factory_is_the_factory_under_the_trial_seed():
     factory = resolve_factory("fcn-3x256")
     model = factory()

@@ -128,9 +128,14 @@ def _skip_hook(path: str, mode: str) -> Callable:
 def substitute(model: nn.Module, values: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
     """Write `values` into the named parameters (or buffers) of `model`; restore them bit-exactly on exit.
 
-    The originals are saved with `detach().clone()` (a state_dict copy would share storage) and
-    copied back in `finally`. The modules a `Change` skips get a forward hook (see `skip_mode`) for the
-    duration; every hook is removed in `finally`.
+    A parameter that owns its storage alone and whose value has its dtype, device, shape and strides
+    is pointed at the value (`param.data = value`) and back at its own storage on exit: no copy, and
+    the parameter is restored to the very tensor it held. Any other (a buffer, a parameter sharing
+    its storage with another tensor of the model, a value to convert) is saved with
+    `detach().clone()`, overwritten with `copy_` and copied back. Inside the context the model reads
+    the values themselves: a forward that wrote into its own parameters would write into them. The
+    modules a `Change` skips get a forward hook (see `skip_mode`) for the duration; every hook is
+    removed in `finally`.
     """
     skip = getattr(values, "skip", frozenset())
     modules = dict(model.named_modules()) if skip else {}
@@ -150,21 +155,55 @@ def substitute(model: nn.Module, values: Mapping[str, torch.Tensor]) -> Iterator
     for n, v in values.items():
         if v.shape != params[n].shape:
             raise LayercritError(f"new value for {n} has shape {tuple(v.shape)}; expected {tuple(params[n].shape)}")
-    saved = {n: params[n].detach().clone() for n in values}
+    shared = _shared_storages(model) if values else set()
+    pointed: dict[str, torch.Tensor] = {}  # name: the tensor the parameter held
+    saved: dict[str, torch.Tensor] = {}  # name: a copy of its value
     handles = []
     try:
         with torch.no_grad():
             for n, v in values.items():
-                params[n].copy_(v)
-        for p in sorted(skip):
-            handles.append(modules[p].register_forward_hook(_skip_hook(p, modes[p]), with_kwargs=True))
+                p = params[n]
+                if _can_point(p, v, shared):
+                    pointed[n] = p.data
+                    p.data = v
+                else:
+                    saved[n] = p.detach().clone()
+                    p.copy_(v)
+        for m in sorted(skip):
+            handles.append(modules[m].register_forward_hook(_skip_hook(m, modes[m]), with_kwargs=True))
         yield model
     finally:
         for h in handles:
             h.remove()
         with torch.no_grad():
+            for n, data in pointed.items():
+                params[n].data = data
             for n, v in saved.items():
                 params[n].copy_(v)
+
+
+def _shared_storages(model: nn.Module) -> set[int] | None:
+    """Storages (by data pointer) that more than one parameter or buffer object of `model` uses; None
+    when a tensor's storage cannot be read (a wrapper subclass): then every value is copied."""
+    seen: dict[int, int] = {}
+    tensors = {id(t): t for _, t in model.named_parameters(remove_duplicate=False)}
+    tensors |= {id(t): t for _, t in model.named_buffers(remove_duplicate=False)}
+    for t in tensors.values():
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return None
+        seen[ptr] = seen.get(ptr, 0) + 1
+    return {ptr for ptr, count in seen.items() if count > 1}
+
+
+def _can_point(p: torch.Tensor, v: torch.Tensor, shared: set[int] | None) -> bool:
+    """Whether parameter `p` can be pointed at `v` instead of overwritten: a dense parameter alone on
+    its storage, `v` a dense tensor laid out as it is (then every kernel computes exactly as with a copy)."""
+    return (shared is not None and isinstance(p, nn.Parameter) and type(p.data) is torch.Tensor and type(v) in (torch.Tensor, nn.Parameter)
+            and p.layout == v.layout == torch.strided and v.dtype == p.dtype and v.device == p.device
+            and v.stride() == p.stride() and p.device.type != "meta"
+            and p.untyped_storage().data_ptr() not in shared and v.untyped_storage().data_ptr() != p.untyped_storage().data_ptr())
 
 
 def gaussian_noise(like: torch.Tensor, seed: int, name: str) -> torch.Tensor:
