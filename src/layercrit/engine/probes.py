@@ -199,10 +199,11 @@ def _shared_storages(model: nn.Module) -> set[int] | None:
 
 def _can_point(p: torch.Tensor, v: torch.Tensor, shared: set[int] | None) -> bool:
     """Whether parameter `p` can be pointed at `v` instead of overwritten: a dense parameter alone on
-    its storage, `v` a dense tensor laid out as it is (then every kernel computes exactly as with a copy)."""
+    its storage, `v` a dense tensor laid out as it is, at the same alignment to 64 bytes (BLAS
+    libraries may take another path for another alignment; then every kernel computes as with a copy)."""
     return (shared is not None and isinstance(p, nn.Parameter) and type(p.data) is torch.Tensor and type(v) in (torch.Tensor, nn.Parameter)
             and p.layout == v.layout == torch.strided and v.dtype == p.dtype and v.device == p.device
-            and v.stride() == p.stride() and p.device.type != "meta"
+            and v.stride() == p.stride() and p.device.type != "meta" and v.data_ptr() % 64 == p.data_ptr() % 64
             and p.untyped_storage().data_ptr() not in shared and v.untyped_storage().data_ptr() != p.untyped_storage().data_ptr())
 
 
