@@ -416,7 +416,7 @@ def against(rev: str, repeats: int) -> str:
                     t0 = clock()
                     ref.compare(zq)
                     spent[k].append(clock() - t0)
-        a, b = (r.compare(zq) for r in refs.values() for zq in zqs[:1])
+        a, b = (r.compare(zqs[0]) for r in refs.values())
         diff = max(float(((a[m] - b[m]).abs() / b[m].abs().clamp_min(1e-300)).max()) for m in ("criticality", "l1", "l2", "kl"))
         same = all(torch.equal(a[m], b[m]) for m in ("agreement", "accuracy", "top5", "loss"))
         lines.append(f"compare {len(rows):,} x {vocab:,}: " + ", ".join(f"{k} {1e3 * statistics.median(v):.2f} ms" for k, v in spent.items())

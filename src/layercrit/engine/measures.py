@@ -251,7 +251,7 @@ class Reference:
             if lab is not None:
                 zl = zp.float().gather(1, lab[i:j][:, None])
                 equal, greater = _rank_counts(zp.float(), zl)
-                ties = ~(equal == 1)
+                ties = equal != 1
                 self.base_rank[i:j], self.base_ties[i:j], self.base_zl[i:j] = greater, ties, zl[:, 0]
             del zp, pp
         self.norm2 = self.top**2 + self.rest2  # ‖p‖² of p as float32 computes it
@@ -417,7 +417,7 @@ class Reference:
             keep = self.keep
             if "top5" in want:
                 greater = raw["greater"]
-                ties = ~(raw["equal"] == 1)  # scores equal to the label's besides it
+                ties = raw["equal"] != 1  # scores equal to the label's besides it
                 out["top5"] = (greater < min(5, width)).double()[keep]
                 again["top5"] = ties & keep  # topk decides among ties
                 if "accuracy" in want:
